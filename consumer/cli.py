@@ -1,0 +1,243 @@
+"""`vercel-consumer`: the only place that reads settings, configures logging and wires parts.
+
+Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (one domain event),
+`schema` (print the contract's JSON Schema). Bad configuration or input ends with one line on
+stderr and exit status 2; an unreachable broker with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aio_pika.abc import AbstractChannel
+
+from consumer import __version__
+from consumer.contract import example_event, json_schema
+from consumer.deadletter import Republisher
+from consumer.errors import BrokerError, ConfigError, ContractError
+from consumer.handler import Handler
+from consumer.logs import configure_logging, get_logger
+from consumer.publisher import EventPublisher
+from consumer.retry import RetryPolicy
+from consumer.settings import Settings, load_settings
+from consumer.tokens import TokenStore
+from consumer.topology import Topology, connect
+from consumer.vercel import VercelClient
+from consumer.worker import MessageHandler, Worker
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        args.command(args)
+    except (ConfigError, ContractError) as exc:
+        _fail(str(exc), status=2)
+    except BrokerError as exc:
+        _fail(str(exc), status=1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _fail(message: str, *, status: int) -> None:
+    print(f"vercel-consumer: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vercel-consumer",
+        description="Relay RabbitMQ domain events to Vercel's Create Event API.",
+        epilog="Configuration comes from CONSUMER_* environment variables (see the README).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="consume events and deliver them to Vercel")
+    run.set_defaults(command=run_command)
+    _add_sim_parser(commands)
+    _add_publish_parser(commands)
+    schema = commands.add_parser("schema", help="print the message contract's JSON Schema")
+    schema.set_defaults(command=lambda _: print(json.dumps(json_schema(), indent=2)))
+    return parser
+
+
+# ── run ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def run_command(_: argparse.Namespace) -> None:
+    settings = load_settings()
+    if settings.vercel_token is None and settings.vercel_tokens_dir is None:
+        raise ConfigError("set CONSUMER_VERCEL_TOKENS_DIR or CONSUMER_VERCEL_TOKEN")
+    configure_logging(settings.log_format, settings.log_level)
+    asyncio.run(serve(settings))
+
+
+def build_worker(settings: Settings, vercel: VercelClient, log: Any) -> Worker:
+    """Wire the worker's collaborators from settings."""
+    policy = RetryPolicy(settings.retry_delays, settings.max_attempts)
+    topology = Topology(settings.exchange, settings.queue, policy.tiers_ms)
+    fallback = settings.vercel_token.get_secret_value() if settings.vercel_token else None
+    tokens = TokenStore(settings.vercel_tokens_dir, fallback)
+
+    def make_handler(channel: AbstractChannel) -> MessageHandler:
+        return Handler(
+            vercel=vercel,
+            tokens=tokens,
+            policy=policy,
+            republisher=Republisher(channel, topology),
+            max_body_bytes=settings.max_body_bytes,
+            log=log,
+        )
+
+    amqp_url = settings.amqp_url.get_secret_value()
+    return Worker(
+        connect=lambda: connect(amqp_url),
+        topology=topology,
+        make_handler=make_handler,
+        concurrency=settings.concurrency,
+        shutdown_timeout=settings.shutdown_timeout,
+        log=log,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run the worker until SIGTERM/SIGINT; a second signal exits at once."""
+    log = get_logger("consumer")
+    vercel = VercelClient(
+        settings.vercel_api_url,
+        timeout=settings.http_timeout,
+        max_connections=settings.concurrency,
+    )
+    worker = build_worker(settings, vercel, log)
+    stop = asyncio.Event()
+    _install_signal_handlers(stop, log)
+    log.info(
+        "starting",
+        version=__version__,
+        amqp_url=settings.amqp_url_redacted,
+        vercel_api_url=settings.vercel_api_url,
+        queue=settings.queue,
+        concurrency=settings.concurrency,
+    )
+    try:
+        await worker.run(stop)
+    finally:
+        await vercel.aclose()
+
+
+def _install_signal_handlers(stop: asyncio.Event, log: Any) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            # Second signal: leave at once. Nothing unfinished was acked; the broker redelivers.
+            log.warning("second signal; exiting now", signal=signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("shutting down", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+# ── sim ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def _add_sim_parser(commands: Any) -> None:
+    sim = commands.add_parser("sim", help="run a local Vercel Create Event simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8787)
+    sim.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        metavar="INSTALLATION=TOKEN",
+        help="an installation and its token (repeatable)",
+    )
+    sim.add_argument("--tokens-dir", type=Path, help="a directory of <installation id> files")
+    sim.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
+    sim.set_defaults(command=sim_command)
+
+
+def sim_command(args: argparse.Namespace) -> None:
+    from consumer.sim import serve as serve_simulator  # only this command needs the server
+
+    tokens = dict(_split_pair(pair) for pair in args.token)
+    coroutine = serve_simulator(
+        args.host, args.port, tokens, args.tokens_dir, args.latency_ms / 1000
+    )
+    asyncio.run(coroutine)
+
+
+def _split_pair(pair: str) -> tuple[str, str]:
+    name, sep, value = pair.partition("=")
+    if not sep or not name or not value:
+        raise ConfigError(f"expected INSTALLATION=TOKEN, got {pair.split('=')[0]!r}=…")
+    return name, value
+
+
+# ── publish ──────────────────────────────────────────────────────────────────────────────────
+
+
+def _add_publish_parser(commands: Any) -> None:
+    publish = commands.add_parser(
+        "publish",
+        help="publish one domain event to the exchange",
+        description="Build an event from the options, or give the whole JSON body with --body.",
+    )
+    publish.add_argument(
+        "type", nargs="?", default="resource.updated", help="e.g. resource.renamed"
+    )
+    publish.add_argument("--installation", default="icfg_demo", help="installation_id")
+    publish.add_argument("--resource", help="resource_id (resource.* events)")
+    publish.add_argument("--product", help="product_id (optional)")
+    publish.add_argument("--billing-plan", help="billing_plan_id (billing.* events, optional)")
+    publish.add_argument("--id", help="event id (default: a new UUID)")
+    publish.add_argument("--body", help="the whole event as JSON, instead of the options above")
+    publish.add_argument("--count", type=int, default=1, help="publish N events (new ids)")
+    publish.add_argument(
+        "--no-validate", action="store_true", help="publish even if it breaks the contract"
+    )
+    publish.set_defaults(command=publish_command)
+
+
+def publish_command(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    events = [_event_from_args(args) for _ in range(max(args.count, 1))]
+    asyncio.run(_publish(settings, events, validate=not args.no_validate))
+    for event in events:
+        print(f"published {event.get('type')} {event.get('id')}")
+
+
+def _event_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.body:
+        try:
+            event: dict[str, Any] = json.loads(args.body)
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"--body is not JSON: {exc}") from None
+        if not isinstance(event, dict):
+            raise ContractError("--body must be a JSON object")
+        return event if args.count == 1 else {**event, "id": str(uuid.uuid4())}
+    fields: dict[str, Any] = {
+        "id": args.id or str(uuid.uuid4()),
+        "installation_id": args.installation,
+    }
+    optional = {"resource_id": args.resource, "product_id": args.product}
+    optional["billing_plan_id"] = args.billing_plan
+    fields.update({key: value for key, value in optional.items() if value is not None})
+    return example_event(args.type, **fields)
+
+
+async def _publish(settings: Settings, events: list[dict[str, Any]], *, validate: bool) -> None:
+    url = settings.amqp_url.get_secret_value()
+    async with await EventPublisher.connect(url, exchange=settings.exchange) as publisher:
+        for event in events:
+            await publisher.publish(event, validate=validate)

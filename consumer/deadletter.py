@@ -1,0 +1,116 @@
+"""Re-publishing a delivery elsewhere before it is acked: to a retry tier, or to the DLQ.
+
+Both keep the body byte for byte and the original properties (minus `expiration`, which would
+let a dead letter vanish, and `user_id`, which the broker checks against our login; it is kept
+as a header), add our headers, and publish with confirms and mandatory routing through the
+default exchange. Only when the broker has confirmed may the caller ack the original.
+
+Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
+`original-routing-key`, `last-error` (retries) and `dead-letter-reason`, `dead-letter-detail`,
+`dead-letter-http-status`, `dead-lettered-at` (dead letters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
+
+from consumer.retry import DeadLetter, Retry
+from consumer.topology import Topology, broker_errors
+
+ATTEMPTS = "delivery-attempts"
+FIRST_ATTEMPT_AT = "first-attempt-at"
+ORIGINAL_EXCHANGE = "original-exchange"
+ORIGINAL_ROUTING_KEY = "original-routing-key"
+ORIGINAL_USER_ID = "original-user-id"
+LAST_ERROR = "last-error"
+REASON = "dead-letter-reason"
+DETAIL = "dead-letter-detail"
+HTTP_STATUS = "dead-letter-http-status"
+DEAD_LETTERED_AT = "dead-lettered-at"
+MAX_DETAIL_BYTES = 1024
+
+
+def attempts_made(headers: Mapping[str, Any] | None) -> int:
+    """Attempts recorded by earlier retries; 0 for a fresh (or tampered-with) message."""
+    value = (headers or {}).get(ATTEMPTS)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000:
+        return value
+    return 0
+
+
+def truncate_utf8(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
+    """At most `limit` bytes of UTF-8, cut on a character boundary, marked when cut."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", errors="ignore") + "..."
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Republisher:
+    """Publishes copies of deliveries to the retry tiers and the DLQ, with confirms."""
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        topology: Topology,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._channel = channel
+        self._topology = topology
+        self._clock = clock
+
+    async def retry(self, message: AbstractIncomingMessage, decision: Retry, error: str) -> None:
+        """Park the message in the tier of `decision.delay_ms`; it returns to the work queue."""
+        headers = self._carried_headers(message, decision.attempts)
+        headers[LAST_ERROR] = truncate_utf8(error)
+        await self._publish(message, headers, self._topology.retry_queue(decision.delay_ms))
+
+    async def dead_letter(self, message: AbstractIncomingMessage, decision: DeadLetter) -> None:
+        """Put the message in the DLQ with the reason, detail and status of `decision`."""
+        headers = self._carried_headers(message, decision.attempts)
+        headers[REASON] = decision.reason.value
+        headers[DETAIL] = truncate_utf8(decision.detail)
+        headers[DEAD_LETTERED_AT] = rfc3339(self._clock())
+        if decision.status is not None:
+            headers[HTTP_STATUS] = decision.status
+        await self._publish(message, headers, self._topology.dead_letter_queue)
+
+    def _carried_headers(self, message: AbstractIncomingMessage, attempts: int) -> HeadersType:
+        headers: HeadersType = dict(message.headers or {})
+        headers.setdefault(ORIGINAL_EXCHANGE, message.exchange or "")
+        headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
+        headers.setdefault(FIRST_ATTEMPT_AT, rfc3339(self._clock()))
+        if message.user_id:
+            headers[ORIGINAL_USER_ID] = message.user_id
+        headers[ATTEMPTS] = attempts
+        return headers
+
+    async def _publish(
+        self, message: AbstractIncomingMessage, headers: HeadersType, queue: str
+    ) -> None:
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        with broker_errors(f"publishing to {queue}"):
+            await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)

@@ -1,0 +1,102 @@
+"""The package's one exception tree, and the dead-letter reasons its leaves map to.
+
+Third-party errors (aio-pika, aiormq, httpx, pydantic) never leave the adapter that met them:
+they are mapped here, at the edge, so that the handler decides on our types alone.
+
+```
+ConsumerError
+├── ConfigError              bad settings at start-up → one clear message, exit 2
+├── BrokerError              broker unreachable, publish nacked, unroutable or unconfirmed
+└── DeliveryError            one message could not be delivered; `reason` says what follows
+    ├── ContractError        the message can never succeed → dead letter (invalid_message)
+    ├── CredentialsError     no token for the installation → dead letter (no_credentials)
+    └── VercelError(status)  Vercel said no, or could not be reached
+        ├── VercelRejected       4xx that will not change on retry → dead letter
+        │                        (rejected_by_vercel)
+        └── VercelUnavailable    408/425/429/5xx/network/timeout/garbage → retry, honouring
+                                 `retry_after`; once attempts run out → retries_exhausted
+```
+
+Messages carry no secrets: tokens and broker passwords are never formatted into them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.StrEnum):
+    """Why a message was dead-lettered: the `dead-letter-reason` header's vocabulary."""
+
+    INVALID_MESSAGE = "invalid_message"
+    NO_CREDENTIALS = "no_credentials"
+    REJECTED_BY_VERCEL = "rejected_by_vercel"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+
+
+class ConsumerError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(ConsumerError):
+    """The configuration is unusable; the message names every bad setting."""
+
+
+class BrokerError(ConsumerError):
+    """RabbitMQ could not be reached, or did not confirm a publish we depend on."""
+
+
+class DeliveryError(ConsumerError):
+    """One message could not be delivered. `reason` is the dead letter it leads to, or None
+    where the failure is transient and the message is to be retried."""
+
+    reason: Reason | None = None
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ContractError(DeliveryError):
+    """The message breaks the contract (not JSON, wrong shape, unknown type, too large)."""
+
+    reason = Reason.INVALID_MESSAGE
+
+
+class CredentialsError(DeliveryError):
+    """No access token is configured for the message's installation."""
+
+    reason = Reason.NO_CREDENTIALS
+
+
+class VercelError(DeliveryError):
+    """Vercel answered with a failure status, or could not be reached (`status` is None).
+    `vercel_id` is the answer's `x-vercel-id`, for support requests to Vercel."""
+
+    def __init__(
+        self, detail: str, *, status: int | None = None, vercel_id: str | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.vercel_id = vercel_id
+
+
+class VercelRejected(VercelError):
+    """A 4xx answer that a retry would not change."""
+
+    reason = Reason.REJECTED_BY_VERCEL
+
+
+class VercelUnavailable(VercelError):
+    """A transient failure; `retry_after` (seconds) is Vercel's floor for the next attempt."""
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        status: int | None = None,
+        vercel_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(detail, status=status, vercel_id=vercel_id)
+        self.retry_after = retry_after

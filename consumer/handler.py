@@ -1,0 +1,141 @@
+"""One delivery, start to finish: parse → translate → token → send → ack | retry | dead letter.
+
+The handler never lets an exception escape and never acks a message before its outcome is
+durable: after Vercel's 2xx, or after the broker confirmed the copy in a retry tier or the DLQ.
+When that copy cannot be published the message is left to the broker to deliver again.
+Everything it needs is built once and passed in; nothing is constructed per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from consumer.contract import Event, parse_event
+from consumer.deadletter import Republisher, attempts_made
+from consumer.errors import BrokerError, DeliveryError, VercelError
+from consumer.retry import DeadLetter, RetryPolicy
+from consumer.tokens import TokenStore
+from consumer.topology import broker_errors
+from consumer.translate import translate
+from consumer.vercel import VercelClient
+
+REPUBLISH_BACKOFF = 1.0  # seconds to wait before handing a message back after a failed publish
+
+
+class Handler:
+    """Handles deliveries from the work queue; call it with each incoming message."""
+
+    def __init__(
+        self,
+        *,
+        vercel: VercelClient,
+        tokens: TokenStore,
+        policy: RetryPolicy,
+        republisher: Republisher,
+        max_body_bytes: int,
+        log: Any,
+    ) -> None:
+        self._vercel = vercel
+        self._tokens = tokens
+        self._policy = policy
+        self._republisher = republisher
+        self._max_body_bytes = max_body_bytes
+        self._log = log
+        self.outcomes: Counter[str] = Counter()
+
+    async def __call__(self, message: AbstractIncomingMessage) -> None:
+        attempts = attempts_made(message.headers) + 1
+        fields: dict[str, Any] = {"event_id": message.message_id, "attempt": attempts}
+        started = time.perf_counter()
+        try:
+            event = parse_event(message.body, max_bytes=self._max_body_bytes)
+            fields.update(_event_fields(event))
+            token = self._tokens.token_for(event.installation_id)
+            delivered = await self._vercel.send(translate(event), token)
+        except DeliveryError as error:
+            fields.update(_error_fields(error, started))
+            await self._reroute(message, error, attempts, fields)
+        except Exception as exc:  # noqa: BLE001 - a bug must not lose the message
+            self._log.exception("unexpected error while handling a message", **fields)
+            # Retried like a transient failure, so a bug costs attempts, not the message.
+            internal = DeliveryError(f"internal error: {type(exc).__name__}: {exc}")
+            await self._reroute(message, internal, attempts, fields)
+        else:
+            fields.update(status=delivered.status, vercel_id=delivered.vercel_id)
+            fields["latency_ms"] = _elapsed_ms(started)
+            await self._settle(message, "delivered", fields)
+
+    async def _reroute(
+        self,
+        message: AbstractIncomingMessage,
+        error: DeliveryError,
+        attempts: int,
+        fields: dict[str, Any],
+    ) -> None:
+        decision = self._policy.decide(error, attempts)
+        try:
+            if isinstance(decision, DeadLetter):
+                await self._republisher.dead_letter(message, decision)
+                fields.update(reason=decision.reason.value, detail=decision.detail)
+                outcome = "dead_lettered"
+            else:
+                await self._republisher.retry(message, decision, error.detail)
+                fields.update(retry_in_ms=decision.delay_ms, detail=error.detail)
+                outcome = "retried"
+        except BrokerError as exc:
+            await self._hand_back(message, exc, fields)
+            return
+        await self._settle(message, outcome, fields)
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, outcome: str, fields: dict[str, Any]
+    ) -> None:
+        try:
+            with broker_errors("acking"):
+                await message.ack()
+        except BrokerError as exc:
+            # The channel is gone: the broker will redeliver, at worst as a duplicate.
+            self._log.warning("ack failed; message will be redelivered", error=str(exc), **fields)
+            self.outcomes["ack_failed"] += 1
+            return
+        self.outcomes[outcome] += 1
+        log = self._log.warning if outcome == "dead_lettered" else self._log.info
+        log(outcome, **fields)
+
+    async def _hand_back(
+        self, message: AbstractIncomingMessage, exc: BrokerError, fields: dict[str, Any]
+    ) -> None:
+        """The copy was not confirmed: give the message back to the broker, unacked."""
+        self.outcomes["republish_failed"] += 1
+        self._log.error(
+            "could not republish; returning message to the queue", error=str(exc), **fields
+        )
+        await asyncio.sleep(REPUBLISH_BACKOFF)  # do not spin on a broker that refuses us
+        try:
+            with broker_errors("rejecting"):
+                await message.reject(requeue=True)
+        except BrokerError:
+            pass  # channel closed: the broker requeues everything unacked on it anyway
+
+
+def _event_fields(event: Event) -> dict[str, Any]:
+    return {"event_id": event.id, "type": event.type, "installation_id": event.installation_id}
+
+
+def _error_fields(error: DeliveryError, started: float) -> dict[str, Any]:
+    if not isinstance(error, VercelError):
+        return {}
+    return {
+        "status": error.status,
+        "vercel_id": error.vercel_id,
+        "latency_ms": _elapsed_ms(started),
+    }
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

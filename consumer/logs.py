@@ -1,0 +1,57 @@
+"""structlog configuration: JSON lines (or a console renderer), filtered cheaply by level.
+
+Only entry points call `configure_logging`. Below the configured level a log call returns at
+once (`make_filtering_bound_logger`), so debug lines cost nothing on the hot path. Log lines
+are written to stdout as single JSON objects rendered by orjson.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Any, TextIO, cast
+
+import orjson
+import structlog
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure_logging(
+    log_format: str = "json", level: str = "info", stream: IO[Any] | None = None
+) -> None:
+    """Route every structlog logger to `stream` (stdout) as JSON or console lines."""
+    renderer: Any
+    factory: Any
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        factory = structlog.PrintLoggerFactory(cast(TextIO, stream or sys.stdout))
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        factory = structlog.BytesLoggerFactory(_binary(stream or sys.stdout))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )
+
+
+def _binary(stream: IO[Any]) -> Any:
+    # JSON lines are bytes from orjson; write them to the stream's buffer when it has one.
+    return getattr(stream, "buffer", stream)
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

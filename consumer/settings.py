@@ -1,0 +1,110 @@
+"""Configuration from `CONSUMER_*` environment variables, validated once at start-up.
+
+Only the CLI builds a `Settings`; everything else receives plain values or objects built from
+it. `load_settings()` turns pydantic's validation error into one `ConfigError` that names every
+bad variable, so a wrong deployment fails with a sentence, not a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from consumer.errors import ConfigError
+
+ENV_PREFIX = "CONSUMER_"
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker; the README's configuration table documents each one."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    exchange: str = Field("domain-events", min_length=1, max_length=255)
+    queue: str = Field("vercel-events", min_length=1, max_length=200)
+    vercel_api_url: str = "https://api.vercel.com"
+    vercel_token: SecretStr | None = None
+    vercel_tokens_dir: Path | None = None
+    concurrency: int = Field(64, ge=1, le=10_000)
+    http_timeout: float = Field(10.0, gt=0, le=300)
+    retry_delays: Annotated[tuple[float, ...], NoDecode] = (1, 5, 30, 120, 600, 1800)
+    max_attempts: int = Field(8, ge=1, le=1000)
+    max_body_bytes: int = Field(256 * 1024, ge=1024, le=128 * 1024 * 1024)
+    shutdown_timeout: float = Field(25.0, ge=0, le=3600)
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _check_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("give at least one delay, e.g. 1,5,30")
+        if any(delay <= 0 or delay > 86_400 for delay in value):
+            raise ValueError("each delay must be > 0 and <= 86400 seconds")
+        return value
+
+    @field_validator("vercel_api_url")
+    @classmethod
+    def _check_api_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL such as https://api.vercel.com")
+        return value.rstrip("/")
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tokens_dir(self) -> Settings:
+        tokens_dir = self.vercel_tokens_dir
+        if tokens_dir is not None and not tokens_dir.is_dir():
+            raise ValueError(f"CONSUMER_VERCEL_TOKENS_DIR={tokens_dir} is not a directory")
+        return self
+
+    @property
+    def amqp_url_redacted(self) -> str:
+        """The broker URL with its password masked: the only form fit for a log line."""
+        return redact_url(self.amqp_url.get_secret_value())
+
+
+def redact_url(url: str) -> str:
+    """`amqp://user:secret@host/` → `amqp://user:***@host/`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (plus explicit overrides); raise ConfigError naming each problem."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        name = f"{ENV_PREFIX}{field.upper()}" if field else "configuration"
+        lines.append(f"{name}: {error['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

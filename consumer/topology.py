@@ -1,0 +1,113 @@
+"""The broker edge: connecting, the queues' names and arguments, and one idempotent declare.
+
+```
+publishers ──▶ <exchange> (topic, durable) ──resource.# / billing.#──▶ <queue> (quorum)
+                                                                         │   ▲
+                        consumer: retry ─▶ <queue>.retry.<ms>ms (quorum, │   │ x-message-ttl,
+                                            one per tier)  ──────────────┼───┘ at-least-once DLX
+                        consumer: dead letter ─▶ <queue>.dlq (quorum)   ◀┘
+```
+
+Retries and dead letters go through the default exchange by queue name, never back through the
+domain exchange whose other subscribers would see them again. Retry tiers dead-letter back to
+the work queue at-least-once (quorum queues, `x-overflow: reject-publish`), so a message in a
+tier survives a broker restart and is never dropped on its way back. aio-pika and aiormq errors
+are mapped to `BrokerError` here (see `broker_errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+
+from consumer.errors import BrokerError
+from consumer.settings import redact_url
+
+BINDINGS = ("resource.#", "billing.#")
+QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+CONNECT_TIMEOUT = 10.0  # seconds; a broker that does not answer by then counts as down
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The names of everything the consumer declares and publishes to."""
+
+    exchange: str
+    queue: str
+    retry_tiers_ms: tuple[int, ...]
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.queue}.dlq"
+
+    def retry_queue(self, delay_ms: int) -> str:
+        return f"{self.queue}.retry.{delay_ms}ms"
+
+
+@contextlib.contextmanager
+def broker_errors(action: str) -> Iterator[None]:
+    """Re-raise anything the AMQP stack throws while doing `action` as a BrokerError."""
+    try:
+        yield
+    except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, OSError) as exc:
+        raise BrokerError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
+    except TimeoutError as exc:
+        raise BrokerError(f"{action} timed out") from exc
+
+
+async def connect(url: str) -> AbstractConnection:
+    """Open one AMQP connection (no automatic reconnect: the worker owns that loop)."""
+    with broker_errors(f"connecting to {redact_url(url)}"):
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            return await aio_pika.connect(
+                url, client_properties={"connection_name": "vercel-consumer"}
+            )
+
+
+async def open_channel(connection: AbstractConnection, *, prefetch: int = 0) -> AbstractChannel:
+    """A channel with publisher confirms, unroutable mandatory publishes raising, and QoS."""
+    with broker_errors("opening a channel"):
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        if prefetch:
+            await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+
+async def declare(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
+    """Declare exchange, work queue, bindings, retry tiers and DLQ; return the work queue.
+
+    Safe to repeat. A queue that exists with other arguments is reported, not replaced.
+    """
+    with broker_errors("declaring the topology"):
+        exchange = await channel.declare_exchange(
+            topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        work_queue = await channel.declare_queue(topology.queue, durable=True, arguments=QUORUM)
+        for routing_key in BINDINGS:
+            await work_queue.bind(exchange, routing_key)
+        for delay_ms in topology.retry_tiers_ms:
+            await channel.declare_queue(
+                topology.retry_queue(delay_ms),
+                durable=True,
+                arguments=retry_tier_arguments(topology.queue, delay_ms),
+            )
+        await channel.declare_queue(topology.dead_letter_queue, durable=True, arguments=QUORUM)
+        return work_queue
+
+
+def retry_tier_arguments(work_queue: str, delay_ms: int) -> dict[str, Any]:
+    return {
+        **QUORUM,
+        "x-message-ttl": delay_ms,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": work_queue,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }

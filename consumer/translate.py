@@ -1,0 +1,51 @@
+"""Pure translation: a contract `Event` → the Vercel Create Event request it stands for.
+
+`resource.*` → `{"event": {"type": "resource.updated", "resourceId", "productId"?}}`,
+`billing.*` → `{"event": {"type": "installation.updated", "billingPlanId"?}}`. Absent optional
+fields are omitted, never sent as null. The installation id is percent-encoded as one path
+segment, so an id can never reach another endpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from consumer.contract import BillingEvent, Event, ResourceEvent
+
+
+@dataclass(frozen=True, slots=True)
+class VercelRequest:
+    """One Create Event call: where it goes and the JSON it carries."""
+
+    installation_id: str
+    path: str
+    body: bytes
+
+
+def translate(event: Event) -> VercelRequest:
+    """Build the Create Event request for one domain event."""
+    payload: dict[str, Any]
+    if isinstance(event, ResourceEvent):
+        payload = {"type": "resource.updated", "resourceId": event.resource_id}
+        if event.product_id is not None:
+            payload["productId"] = event.product_id
+    elif isinstance(event, BillingEvent):
+        payload = {"type": "installation.updated"}
+        if event.billing_plan_id is not None:
+            payload["billingPlanId"] = event.billing_plan_id
+    else:  # pragma: no cover - the Event union is closed; this guards its next member
+        raise TypeError(f"no translation for {type(event).__name__}")
+    return VercelRequest(
+        installation_id=event.installation_id,
+        path=events_path(event.installation_id),
+        body=orjson.dumps({"event": payload}),
+    )
+
+
+def events_path(installation_id: str) -> str:
+    """`/v1/installations/{integrationConfigurationId}/events`, the id as one encoded segment."""
+    return f"/v1/installations/{quote(installation_id, safe='')}/events"

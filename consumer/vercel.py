@@ -1,0 +1,109 @@
+"""The Vercel API client: sends one Create Event request and maps every answer to our types.
+
+2xx → `Delivered`; 408, 425, 429, 5xx, network errors, timeouts and answers that are not HTTP
+→ `VercelUnavailable` (with `Retry-After` parsed); any other status → `VercelRejected`. httpx's
+exceptions stop here. The client is built once and shared: its connection pool is sized to the
+worker's concurrency. Pass `transport=` to put it on another transport (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+import orjson
+
+from consumer import __version__
+from consumer.errors import VercelRejected, VercelUnavailable
+from consumer.retry import parse_retry_after
+from consumer.translate import VercelRequest
+
+USER_AGENT = f"vercel-event-consumer/{__version__}"
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+_MAX_ERROR_BODY = 2048  # bytes of an error answer kept for the dead letter's detail
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """Vercel accepted the event."""
+
+    status: int
+    vercel_id: str | None
+
+
+class VercelClient:
+    """POSTs Create Event requests to one Vercel API base URL."""
+
+    def __init__(
+        self,
+        api_url: str,
+        *,
+        timeout: float = 10.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=api_url,
+            timeout=timeout,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
+            follow_redirects=False,
+            transport=transport,
+        )
+
+    async def send(self, request: VercelRequest, token: str) -> Delivered:
+        """Deliver one event; raise VercelRejected or VercelUnavailable when it was not."""
+        headers = {"Authorization": f"Bearer {token}"}
+        try:
+            async with self._client.stream(
+                "POST", request.path, content=request.body, headers=headers
+            ) as response:
+                if response.is_success:
+                    return Delivered(response.status_code, response.headers.get("x-vercel-id"))
+                body = await _read_at_most(response, _MAX_ERROR_BODY)
+        except httpx.TimeoutException as exc:
+            raise VercelUnavailable(f"timed out talking to Vercel ({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:
+            raise VercelUnavailable(f"could not reach Vercel: {_describe(exc)}") from None
+        raise _failure(response, body)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    chunks = bytearray()
+    async for chunk in response.aiter_raw():
+        chunks += chunk
+        if len(chunks) >= limit:
+            break
+    return bytes(chunks[:limit])
+
+
+def _failure(response: httpx.Response, body: bytes) -> VercelRejected | VercelUnavailable:
+    status = response.status_code
+    vercel_id = response.headers.get("x-vercel-id")
+    detail = f"HTTP {status} from Vercel: {_error_summary(body)}"
+    if status in RETRYABLE_STATUSES or status >= 500 or status < 400:
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        return VercelUnavailable(
+            detail, status=status, vercel_id=vercel_id, retry_after=retry_after
+        )
+    return VercelRejected(detail, status=status, vercel_id=vercel_id)
+
+
+def _error_summary(body: bytes) -> str:
+    """Vercel's `{"error": {"code", "message"}}` as `code: message`, else the body's start."""
+    try:
+        error = orjson.loads(body)["error"]
+        return f"{error['code']}: {error['message']}"
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        text = body.decode("utf-8", errors="replace").strip()
+        return text[:300] or "(no body)"
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

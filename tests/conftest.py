@@ -1,0 +1,196 @@
+"""Shared fixtures: a real RabbitMQ (started by scripts/rabbitmq), the simulator, a relay.
+
+Every test gets its own exchange and queue names, so tests never see each other's messages,
+and everything a test declared is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from consumer.cli import build_worker
+from consumer.contract import example_event
+from consumer.logs import configure_logging, get_logger
+from consumer.publisher import EventPublisher
+from consumer.settings import Settings, load_settings
+from consumer.sim import VercelSimulator
+from consumer.topology import Topology
+from consumer.vercel import VercelClient
+from consumer.worker import Worker
+
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+TOKENS = {"icfg_alpha": "tok_alpha_s3cr3t", "icfg_beta": "tok_beta_s3cr3t"}
+
+
+async def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float = 20.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
+    interval: float = 0.02,
+) -> None:
+    """Poll `predicate` until it holds; fail the test with a clear message at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[AbstractConnection]:
+    try:
+        connection = await aio_pika.connect(AMQP_URL)
+    except Exception as exc:  # pragma: no cover - environment problem, said plainly
+        pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL} ({exc}); run scripts/rabbitmq")
+    async with connection:
+        yield connection
+
+
+@pytest.fixture
+async def channel(amqp: AbstractConnection) -> AbstractChannel:
+    return await amqp.channel()
+
+
+@pytest.fixture
+def names() -> dict[str, str]:
+    suffix = uuid.uuid4().hex[:10]
+    return {"exchange": f"test-events-{suffix}", "queue": f"test-q-{suffix}"}
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[VercelSimulator]:
+    async with VercelSimulator(dict(TOKENS)) as simulator:
+        yield simulator
+
+
+@dataclass
+class Relay:
+    """A worker running in this event loop against the real broker and the simulator."""
+
+    settings: Settings
+    worker: Worker
+    topology: Topology
+    logs: io.BytesIO
+    task: asyncio.Task[None]
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 30)
+
+    def log_text(self) -> str:
+        return self.logs.getvalue().decode()
+
+
+@pytest.fixture
+def tokens_dir(tmp_path: Path) -> Path:
+    """A Kubernetes-Secret-shaped directory holding the simulator's tokens."""
+    directory = tmp_path / "tokens"
+    directory.mkdir()
+    for installation_id, token in TOKENS.items():
+        (directory / installation_id).write_text(token)
+    return directory
+
+
+@pytest.fixture
+async def start_relay(
+    sim: VercelSimulator, names: dict[str, str], amqp: AbstractConnection, tokens_dir: Path
+) -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
+    """Start a relay; keyword arguments override settings (e.g. retry_delays=(0.2,))."""
+    relays: list[Relay] = []
+    clients: list[VercelClient] = []
+
+    async def start(**overrides: Any) -> Relay:
+        values: dict[str, Any] = {
+            "amqp_url": AMQP_URL,
+            "vercel_api_url": sim.url,
+            "retry_delays": (0.2, 0.4),
+            "max_attempts": 4,
+            "concurrency": 16,
+            "http_timeout": 2.0,
+            "shutdown_timeout": 5.0,
+            "vercel_tokens_dir": tokens_dir,
+            **names,
+        }
+        values.update(overrides)
+        settings = load_settings(**values)
+        logs = io.BytesIO()
+        configure_logging("json", "debug", stream=logs)
+        vercel = VercelClient(settings.vercel_api_url, timeout=settings.http_timeout)
+        clients.append(vercel)
+        worker = build_worker(settings, vercel, get_logger("test"))
+        stop = asyncio.Event()
+        relay = Relay(
+            settings, worker, worker.topology, logs, asyncio.create_task(worker.run(stop)), stop
+        )
+        relays.append(relay)
+        await wait_until(lambda: worker.consuming)
+        return relay
+
+    yield start
+    for relay in relays:
+        await relay.shutdown()
+    for client in clients:
+        await client.aclose()
+    await _delete_topology(amqp, names, relays)
+
+
+async def _delete_topology(
+    amqp: AbstractConnection, names: dict[str, str], relays: list[Relay]
+) -> None:
+    channel = await amqp.channel()
+    queues = {names["queue"], f"{names['queue']}.dlq"}
+    for relay in relays:
+        queues.update(relay.topology.retry_queue(ms) for ms in relay.topology.retry_tiers_ms)
+    for queue in queues:
+        await channel.queue_delete(queue)
+    await channel.exchange_delete(names["exchange"])
+
+
+@pytest.fixture
+async def publisher(names: dict[str, str], start_relay: Any) -> AsyncIterator[EventPublisher]:
+    async with await EventPublisher.connect(AMQP_URL, exchange=names["exchange"]) as pub:
+        yield pub
+
+
+def event(event_type: str = "resource.renamed", **fields: Any) -> dict[str, Any]:
+    """A valid event for installation icfg_alpha with a fresh id."""
+    values = {"id": f"evt_{uuid.uuid4().hex[:12]}", "installation_id": "icfg_alpha", **fields}
+    return example_event(event_type, **values)
+
+
+async def drain_queue(channel: AbstractChannel, queue: str) -> list[AbstractIncomingMessage]:
+    """Take every message from `queue` (acking it) and return them in order."""
+    declared = await channel.get_queue(queue, ensure=False)
+    messages = []
+    while (message := await declared.get(fail=False, no_ack=True)) is not None:
+        messages.append(message)
+    return messages
+
+
+async def wait_for_dead_letters(
+    channel: AbstractChannel,
+    queue: str,
+    count: int,
+    timeout: float = 20.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
+) -> list[AbstractIncomingMessage]:
+    """Collect `count` dead letters from `<queue>.dlq`, waiting for them to arrive."""
+    collected: list[AbstractIncomingMessage] = []
+    deadline = time.monotonic() + timeout
+    while len(collected) < count:
+        collected += await drain_queue(channel, f"{queue}.dlq")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(collected)} of {count} dead letters within {timeout} s")
+        await asyncio.sleep(0.05)
+    return collected

@@ -1,0 +1,124 @@
+"""The Vercel client against the simulator over real HTTP: every answer mapped to our types."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from consumer.errors import VercelRejected, VercelUnavailable
+from consumer.sim import Fault, VercelSimulator
+from consumer.translate import VercelRequest, events_path
+from consumer.vercel import Delivered, VercelClient
+from tests.conftest import TOKENS
+
+REQUEST = VercelRequest(
+    "icfg_alpha",
+    events_path("icfg_alpha"),
+    b'{"event":{"type":"resource.updated","resourceId":"r1"}}',
+)
+
+
+@pytest.fixture
+async def client(sim: VercelSimulator) -> AsyncIterator[VercelClient]:
+    vercel = VercelClient(sim.url, timeout=0.5)
+    yield vercel
+    await vercel.aclose()
+
+
+async def test_created_is_delivered_with_vercel_id(
+    client: VercelClient, sim: VercelSimulator
+) -> None:
+    """201 → Delivered carrying the x-vercel-id of the answer."""
+    delivered = await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert delivered == Delivered(201, sim.accepted[0].vercel_id)
+    assert delivered.vercel_id
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 422])
+async def test_permanent_4xx_is_rejected(
+    client: VercelClient, sim: VercelSimulator, status: int
+) -> None:
+    """A 4xx other than 408/425/429 raises VercelRejected with the status."""
+    sim.add_fault(Fault(status=status))
+    with pytest.raises(VercelRejected) as caught:
+        await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert caught.value.status == status
+    assert caught.value.vercel_id
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+async def test_transient_statuses_are_unavailable(
+    client: VercelClient, sim: VercelSimulator, status: int
+) -> None:
+    """408, 425, 429 and 5xx raise VercelUnavailable with the status."""
+    sim.add_fault(Fault(status=status))
+    with pytest.raises(VercelUnavailable) as caught:
+        await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert caught.value.status == status
+
+
+async def test_retry_after_is_read_from_the_answer(
+    client: VercelClient, sim: VercelSimulator
+) -> None:
+    """The Retry-After header of a 429 becomes retry_after seconds."""
+    sim.add_fault(Fault(status=429, retry_after="17"))
+    with pytest.raises(VercelUnavailable) as caught:
+        await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert caught.value.retry_after == 17
+
+
+async def test_vercel_error_shape_becomes_the_detail(
+    client: VercelClient, sim: VercelSimulator
+) -> None:
+    """Vercel's {"error": {"code", "message"}} is summarised as 'HTTP n from Vercel: code: msg'."""
+    with pytest.raises(VercelRejected) as caught:
+        await client.send(REQUEST, "tok_nobody")
+    assert caught.value.status == 401
+    assert caught.value.detail.startswith("HTTP 401 from Vercel: unauthorized: ")
+    assert "tok_nobody" not in caught.value.detail
+
+
+async def test_non_json_error_body_is_kept_short(
+    client: VercelClient, sim: VercelSimulator
+) -> None:
+    """A huge non-JSON error body is cut to a few hundred characters in the detail."""
+    sim.add_fault(Fault(status=500, body=b"<html>" + b"x" * 100_000))
+    with pytest.raises(VercelUnavailable) as caught:
+        await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert caught.value.detail.startswith("HTTP 500 from Vercel: <html>xxx")
+    assert len(caught.value.detail) < 400
+
+
+async def test_dropped_connection_is_unavailable(
+    client: VercelClient, sim: VercelSimulator
+) -> None:
+    """A connection closed without an answer raises VercelUnavailable without a status."""
+    sim.add_fault(Fault(drop=True))
+    with pytest.raises(VercelUnavailable) as caught:
+        await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert caught.value.status is None
+
+
+async def test_garbage_answer_is_unavailable(client: VercelClient, sim: VercelSimulator) -> None:
+    """Bytes that are not HTTP raise VercelUnavailable."""
+    sim.add_fault(Fault(garbage=True))
+    with pytest.raises(VercelUnavailable, match="could not reach Vercel"):
+        await client.send(REQUEST, TOKENS["icfg_alpha"])
+
+
+async def test_slow_answer_times_out_as_unavailable(
+    client: VercelClient, sim: VercelSimulator
+) -> None:
+    """An answer slower than the timeout raises VercelUnavailable saying it timed out."""
+    sim.add_fault(Fault(latency=2.0))
+    with pytest.raises(VercelUnavailable, match="timed out"):
+        await client.send(REQUEST, TOKENS["icfg_alpha"])
+
+
+async def test_unreachable_vercel_is_unavailable() -> None:
+    """Nothing listening on the port → VercelUnavailable (a connect error), not a crash."""
+    vercel = VercelClient("http://127.0.0.1:9", timeout=1)
+    with pytest.raises(VercelUnavailable, match="ConnectError"):
+        await vercel.send(REQUEST, "tok")
+    await vercel.aclose()

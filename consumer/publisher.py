@@ -37,7 +37,7 @@ class EventPublisher:
 
     @classmethod
     async def connect(cls, url: str, *, exchange: str = "domain-events") -> Self:
-        connection = await connect(url)
+        connection = await connect(url, name="vercel-consumer-publisher")
         channel = await open_channel(connection)
         with broker_errors(f"declaring exchange {exchange}"):
             declared = await channel.declare_exchange(

@@ -62,13 +62,12 @@ def broker_errors(action: str) -> Iterator[None]:
         raise BrokerError(f"{action} timed out") from exc
 
 
-async def connect(url: str) -> AbstractConnection:
-    """Open one AMQP connection (no automatic reconnect: the worker owns that loop)."""
+async def connect(url: str, *, name: str = "vercel-consumer") -> AbstractConnection:
+    """Open one AMQP connection, named for the broker's UI (no automatic reconnect: the worker
+    owns that loop)."""
     with broker_errors(f"connecting to {redact_url(url)}"):
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            return await aio_pika.connect(
-                url, client_properties={"connection_name": "vercel-consumer"}
-            )
+            return await aio_pika.connect(url, client_properties={"connection_name": name})
 
 
 async def open_channel(connection: AbstractConnection, *, prefetch: int = 0) -> AbstractChannel:

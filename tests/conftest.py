@@ -107,11 +107,11 @@ def tokens_dir(tmp_path: Path) -> Path:
 async def start_relay(
     sim: VercelSimulator, names: dict[str, str], amqp: AbstractConnection, tokens_dir: Path
 ) -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
-    """Start a relay; keyword arguments override settings (e.g. retry_delays=(0.2,))."""
+    """Start a relay and wait until it consumes; keyword arguments override settings."""
     relays: list[Relay] = []
     clients: list[VercelClient] = []
 
-    async def start(**overrides: Any) -> Relay:
+    async def start(wait_consuming: bool = True, **overrides: Any) -> Relay:
         values: dict[str, Any] = {
             "amqp_url": AMQP_URL,
             "vercel_api_url": sim.url,
@@ -135,7 +135,8 @@ async def start_relay(
             settings, worker, worker.topology, logs, asyncio.create_task(worker.run(stop)), stop
         )
         relays.append(relay)
-        await wait_until(lambda: worker.consuming)
+        if wait_consuming:
+            await wait_until(lambda: worker.consuming)
         return relay
 
     yield start

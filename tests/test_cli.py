@@ -1,0 +1,117 @@
+"""The command line as an operator uses it: publish, schema, sim — real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from consumer.contract import json_schema
+from tests.conftest import AMQP_URL, drain_queue
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "CONSUMER_AMQP_URL": AMQP_URL, **env}
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_publish_sends_a_contract_event_with_the_documented_properties(
+    channel: AbstractChannel, names: dict[str, str]
+) -> None:
+    """`publish` routes by type, persistent, JSON, message_id = id, and the body is valid."""
+    exchange = await channel.declare_exchange(names["exchange"], "topic", durable=True)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, "resource.#")
+    result = cli(
+        "publish",
+        "resource.renamed",
+        "--installation",
+        "icfg_cli",
+        "--resource",
+        "db_1",
+        "--product",
+        "prod_1",
+        "--id",
+        "evt_cli",
+        CONSUMER_EXCHANGE=names["exchange"],
+    )
+    assert result.returncode == 0, result.stderr
+    assert "published resource.renamed evt_cli" in result.stdout
+    [message] = await drain_queue(channel, queue.name)
+    body = orjson.loads(message.body)
+    assert (message.routing_key, message.message_id) == ("resource.renamed", "evt_cli")
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == 2
+    assert body["installation_id"] == "icfg_cli"
+    assert (body["resource_id"], body["product_id"]) == ("db_1", "prod_1")
+    await channel.exchange_delete(names["exchange"])
+
+
+async def test_publish_with_no_queue_bound_fails_loudly(
+    channel: AbstractChannel, names: dict[str, str]
+) -> None:
+    """An unroutable publish is an error (exit 1, one line), not a silent loss."""
+    result = cli(
+        "publish", "resource.renamed", "--resource", "r", CONSUMER_EXCHANGE=names["exchange"]
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "publishing event" in result.stderr
+    await channel.exchange_delete(names["exchange"])
+
+
+def test_publish_refuses_an_event_that_breaks_the_contract() -> None:
+    """Without --no-validate a bad event is refused before it reaches the broker (exit 2)."""
+    result = cli("publish", "--body", '{"id": "x", "type": "resource.renamed"}')
+    assert result.returncode == 2
+    assert "occurred_at: Field required" in result.stderr
+
+
+def test_schema_prints_the_shipped_json_schema() -> None:
+    """`schema` prints the contract's JSON Schema."""
+    result = cli("schema")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == json_schema()
+
+
+@pytest.fixture
+def sim_process() -> Iterator[str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "consumer", "sim", "--port", str(port), "--token", "icfg_1=tok_1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert "listening on" in process.stdout.readline()
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+
+
+def test_sim_command_serves_the_create_event_endpoint(sim_process: Any) -> None:
+    """`sim` answers 201 for the right token and records the event; 401 for a wrong one."""
+    path = f"{sim_process}/v1/installations/icfg_1/events"
+    body = {"event": {"type": "installation.updated"}}
+    assert httpx.post(path, json=body, headers={"Authorization": "Bearer tok_1"}).status_code == 201
+    assert httpx.post(path, json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    stats = httpx.get(f"{sim_process}/_sim/stats").json()
+    assert (stats["accepted"], stats["requests"]) == (1, 2)

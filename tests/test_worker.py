@@ -1,0 +1,118 @@
+"""The worker's lifecycle: start without a broker, reconnect, drain on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from typing import Any
+
+from aio_pika.abc import AbstractChannel
+
+from consumer.publisher import EventPublisher
+from consumer.sim import Fault, VercelSimulator
+from tests.conftest import event, wait_until
+
+
+async def queue_depth(channel: AbstractChannel, queue: str) -> int:
+    declared = await channel.declare_queue(queue, passive=True)
+    assert declared.declaration_result.message_count is not None
+    return declared.declaration_result.message_count
+
+
+def close_consumer_connections() -> int:
+    """Close, from the broker's side, every connection named vercel-consumer; return how many."""
+    listing = subprocess.run(
+        ["rabbitmqctl", "-s", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    named = '{"connection_name","vercel-consumer"}'
+    pids = [line.split("\t")[0] for line in listing.splitlines() if named in line]
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", pid, "test: connection dropped"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+    return len(pids)
+
+
+async def test_worker_waits_for_an_unreachable_broker_without_crashing(
+    start_relay: Any,
+) -> None:
+    """With no broker at the URL the worker keeps retrying, not consuming, and stops on request."""
+    broken = await start_relay(wait_consuming=False, amqp_url="amqp://guest:guest@127.0.0.1:1/")
+    await asyncio.sleep(1.5)
+    assert not broken.task.done()
+    assert not broken.worker.consuming
+    assert "broker unavailable" in broken.log_text()
+    await asyncio.wait_for(broken.shutdown(), 5)
+
+
+async def test_worker_reconnects_after_the_broker_drops_it(
+    start_relay: Any,
+    sim: VercelSimulator,
+    publisher: EventPublisher,
+    channel: AbstractChannel,
+    names: dict[str, str],
+) -> None:
+    """A connection closed by the broker is re-opened; events in flight then and after arrive."""
+    relay = await start_relay(concurrency=4)
+    sim.add_fault(Fault(latency=0.5, times=4))
+    for number in range(4):
+        await publisher.publish(event(resource_id=f"res_{number}"))
+    await wait_until(lambda: sim.in_flight == 4)
+    assert await asyncio.to_thread(close_consumer_connections) >= 1
+    await wait_until(lambda: not relay.worker.consuming, timeout=10)
+    await wait_until(lambda: relay.worker.consuming, timeout=20)
+    await publisher.publish(event(resource_id="res_after"))
+    expected = {f"res_{number}" for number in range(4)} | {"res_after"}
+    await wait_until(lambda: {a.event["resourceId"] for a in sim.accepted} >= expected)
+    await _wait_depth(channel, names["queue"], 0)
+
+
+async def test_shutdown_lets_deliveries_in_flight_finish(
+    start_relay: Any,
+    sim: VercelSimulator,
+    publisher: EventPublisher,
+    channel: AbstractChannel,
+    names: dict[str, str],
+) -> None:
+    """On stop, requests already sent complete and are acked before the worker exits."""
+    relay = await start_relay(shutdown_timeout=10)
+    sim.add_fault(Fault(latency=0.5))
+    for _ in range(5):
+        await publisher.publish(event())
+    await wait_until(lambda: sim.in_flight == 5)
+    await relay.shutdown()
+    assert len(sim.accepted) == 5
+    assert await queue_depth(channel, names["queue"]) == 0
+
+
+async def test_shutdown_timeout_leaves_unfinished_deliveries_for_redelivery(
+    start_relay: Any,
+    sim: VercelSimulator,
+    publisher: EventPublisher,
+    channel: AbstractChannel,
+    names: dict[str, str],
+) -> None:
+    """Deliveries still running at the shutdown timeout are not acked: they return to the queue."""
+    relay = await start_relay(shutdown_timeout=0.3)
+    sim.add_fault(Fault(latency=5))
+    for _ in range(3):
+        await publisher.publish(event())
+    await wait_until(lambda: sim.in_flight == 3)
+    await asyncio.wait_for(relay.shutdown(), 5)
+    await _wait_depth(channel, names["queue"], 3)
+    assert sim.accepted == []
+
+
+async def _wait_depth(channel: AbstractChannel, queue: str, depth: int) -> None:
+    for _ in range(100):
+        if await queue_depth(channel, queue) == depth:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{queue} never held {depth} messages")

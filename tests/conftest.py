@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,6 +47,18 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m consumer ARGS` as an operator would; `env` replaces the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *args],
+        env=env if env is not None else {**os.environ, "CONSUMER_AMQP_URL": AMQP_URL},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture

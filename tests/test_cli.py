@@ -16,19 +16,11 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.contract import json_schema
-from tests.conftest import AMQP_URL, drain_queue
+from tests.conftest import AMQP_URL, drain_queue, run_cli
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "CONSUMER_AMQP_URL": AMQP_URL, **env}
-    return subprocess.run(
-        [sys.executable, "-m", "consumer", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(*args, env={**os.environ, "CONSUMER_AMQP_URL": AMQP_URL, **env})
 
 
 async def test_publish_sends_a_contract_event_with_the_documented_properties(

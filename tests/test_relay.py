@@ -143,23 +143,6 @@ async def test_oversized_body_is_invalid(
     assert dead.body == body
 
 
-async def test_unknown_installation_without_token_is_no_credentials(
-    start_relay: Any,
-    sim: VercelSimulator,
-    publisher: EventPublisher,
-    channel: AbstractChannel,
-    names: dict[str, str],
-    tmp_path: Any,
-) -> None:
-    """An installation with no token file and no fallback token is dead-lettered no_credentials."""
-    await start_relay(vercel_tokens_dir=tmp_path)
-    await publisher.publish(event(installation_id="icfg_nobody"))
-    [dead] = await wait_for_dead_letters(channel, names["queue"], 1)
-    assert dead.headers["dead-letter-reason"] == "no_credentials"
-    assert "icfg_nobody" in str(dead.headers["dead-letter-detail"])
-    assert sim.requests == 0
-
-
 async def test_vercel_rejections_are_dead_lettered_with_status(
     start_relay: Any,
     sim: VercelSimulator,
@@ -295,11 +278,14 @@ async def test_token_file_changes_are_picked_up_without_restart(
     names: dict[str, str],
     tmp_path: Any,
 ) -> None:
-    """A token file added, then rotated, while the worker runs is used for the next message."""
+    """No token file → no_credentials; a file added, then rotated, while the worker runs is
+    used for the next message."""
     await start_relay(vercel_tokens_dir=tmp_path)
     await publisher.publish(event(id="evt_before"))
     [dead] = await wait_for_dead_letters(channel, names["queue"], 1)
     assert dead.headers["dead-letter-reason"] == "no_credentials"
+    assert "icfg_alpha" in str(dead.headers["dead-letter-detail"])
+    assert sim.requests == 0
 
     (tmp_path / "icfg_alpha").write_text(TOKENS["icfg_alpha"] + "\n")
     await publisher.publish(event(id="evt_added"))

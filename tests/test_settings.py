@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from consumer.errors import ConfigError
 from consumer.settings import load_settings, redact_url
+from tests.conftest import run_cli
 
 
 def test_defaults_match_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,14 +71,7 @@ def test_redacted_url_hides_the_password() -> None:
 def test_run_with_bad_configuration_exits_2_with_one_message(tmp_path: Path) -> None:
     """`vercel-consumer run` with bad settings prints the problems, no traceback, exit 2."""
     env = {**os.environ, "CONSUMER_CONCURRENCY": "lots", "CONSUMER_AMQP_URL": "amqp://u:pw@h/"}
-    result = subprocess.run(
-        [sys.executable, "-m", "consumer", "run"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli("run", env=env)
     assert result.returncode == 2
     assert "CONSUMER_CONCURRENCY" in result.stderr
     assert "Traceback" not in result.stderr
@@ -89,13 +81,6 @@ def test_run_with_bad_configuration_exits_2_with_one_message(tmp_path: Path) -> 
 def test_run_without_any_token_source_exits_2(tmp_path: Path) -> None:
     """Neither CONSUMER_VERCEL_TOKEN nor CONSUMER_VERCEL_TOKENS_DIR → a clear start-up error."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUMER_VERCEL_TOKEN")}
-    result = subprocess.run(
-        [sys.executable, "-m", "consumer", "run"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli("run", env=env)
     assert result.returncode == 2
     assert "CONSUMER_VERCEL_TOKENS_DIR or CONSUMER_VERCEL_TOKEN" in result.stderr

@@ -19,13 +19,18 @@ share this event loop or its CPU core. Each contender gets fresh exchange and qu
 with publisher confirms (500 in flight at a time; that publish rate is reported too), the
 simulator's counters are reset, and only then is the contender started and timed. The relay
 is done when the simulator has accepted N events and the work queue holds no ready message;
-the baseline when it has acked its sample. Queues and exchange are deleted afterwards, and the
-simulator is stopped, also on errors and Ctrl-C.
+the baseline when it has acked its sample. Both timings include connecting (and the worker's
+idempotent re-declare). Queues and exchange are deleted afterwards, and the simulator is
+stopped, also on errors and Ctrl-C.
 
 Columns: wall seconds; messages/s; CPU seconds this process spent per 1,000 messages
-(`time.process_time()`; the simulator and the broker are other processes, reported on their
-own line from /proc); peak RSS of this process (`ru_maxrss`, a process-wide high-water mark:
-the baseline runs first so that the relay's figure is not the baseline's).
+(`time.process_time()`); peak RSS of this process (`ru_maxrss`, a process-wide high-water
+mark: the baseline runs first so that the relay's figure is not the baseline's). Below the
+table, per contender: the preload's publish rate, the CPU seconds per 1,000 messages of the
+simulator and of the broker (from /proc; the broker's is the whole RabbitMQ VM, whoever else
+uses it), and the most requests the simulator had open at once (its `max_in_flight`). A
+warning is printed when the simulator saw errors or more requests than messages, e.g. when a
+test run closed the worker's connection (tests close every "vercel-consumer" connection).
 
 Publish-to-delivery latency is not measured: with a preloaded queue it would only measure how
 long a message waited behind the others, and the relay's translation drops `id` and `data`,
@@ -64,7 +69,7 @@ from consumer.logs import configure_logging, get_logger
 from consumer.publisher import EventPublisher
 from consumer.retry import RetryPolicy
 from consumer.settings import Settings, load_settings
-from consumer.topology import Topology, declare, open_channel
+from consumer.topology import Topology, connect, declare, open_channel
 from consumer.translate import translate
 from consumer.vercel import VercelClient
 
@@ -201,6 +206,7 @@ class Result:
     other_cpu_seconds: dict[str, float]
     preloaded: int = 0
     publish_seconds: float = 0.0
+    sim_max_in_flight: int | None = None  # the most requests the simulator had open at once
 
     @property
     def rate(self) -> float:
@@ -275,12 +281,7 @@ async def declared(admin: AbstractConnection, topology: Topology) -> AsyncIterat
 
 async def bench_connection() -> AbstractConnection:
     """A connection for the bench's own work (declare, preload, poll, delete)."""
-    try:
-        return await aio_pika.connect(
-            AMQP_URL, client_properties={"connection_name": CONNECTION_NAME}
-        )
-    except (OSError, aio_pika.exceptions.AMQPException) as exc:
-        raise BrokerError(f"cannot connect to {AMQP_URL}: {exc}") from exc
+    return await connect(AMQP_URL, name=CONNECTION_NAME)
 
 
 async def delete_topology(topology: Topology) -> None:
@@ -426,16 +427,21 @@ async def bench(
         publish_seconds = await preload(topology.exchange, args.messages)
         await sim.reset()
         result = await contender(Run(settings, topology, sim, admin, args.messages, pids))
-        await check_simulator(sim, result)
+        result.sim_max_in_flight = await check_simulator(sim, result)
     result.preloaded, result.publish_seconds = args.messages, publish_seconds
     return result
 
 
-async def check_simulator(sim: Simulator, result: Result) -> None:
-    """Warn when the simulator saw errors or another count than the contender relayed."""
+async def check_simulator(sim: Simulator, result: Result) -> int:
+    """Warn when the simulator saw errors or duplicates; return its max_in_flight."""
     stats = await sim.stats()
     if stats["requests"] != stats["accepted"] or stats["accepted"] != result.messages:
-        print(f"warning: {result.contender}: simulator stats {stats}", file=sys.stderr)
+        print(
+            f"warning: {result.contender}: the simulator saw {stats} for {result.messages}"
+            " messages: errors or redeliveries disturbed this run",
+            file=sys.stderr,
+        )
+    return int(stats["max_in_flight"])
 
 
 # ── report ──────────────────────────────────────────────────────────────────────────────────
@@ -466,11 +472,13 @@ def notes(relay: Result, baseline: Result) -> list[str]:
         others = ", ".join(
             f"{name} {r.cpu_per_1k(spent):.3f}" for name, spent in r.other_cpu_seconds.items()
         )
-        lines.append(
-            f"{r.contender}: preload {r.preloaded} msgs in {r.publish_seconds:.2f} s"
-            f" ({r.preloaded / r.publish_seconds:.0f} msg/s, confirms, {PUBLISH_BATCH} in flight);"
-            f" other processes' cpu s/1k msgs: {others or 'n/a'}"
-        )
+        lines += [
+            f"{r.contender}:",
+            f"  preload: {r.preloaded} msgs published in {r.publish_seconds:.2f} s"
+            f" ({r.preloaded / r.publish_seconds:.0f} msg/s; confirms, {PUBLISH_BATCH} in flight)",
+            f"  cpu s/1k msgs of the other processes: {others or 'n/a'}",
+            f"  most requests the simulator had open at once: {r.sim_max_in_flight}",
+        ]
     return lines
 
 

@@ -50,7 +50,11 @@ class Handler:
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         attempts = attempts_made(message.headers) + 1
-        fields: dict[str, Any] = {"event_id": message.message_id, "attempt": attempts}
+        fields: dict[str, Any] = {
+            "event_id": message.message_id,
+            "routing_key": message.routing_key,
+            "attempt": attempts,
+        }
         started = time.perf_counter()
         try:
             event = parse_event(message.body, max_bytes=self._max_body_bytes)

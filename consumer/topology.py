@@ -22,13 +22,13 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 from consumer.errors import BrokerError
-from consumer.settings import redact_url
 
 BINDINGS = ("resource.#", "billing.#")
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
@@ -65,9 +65,15 @@ def broker_errors(action: str) -> Iterator[None]:
 async def connect(url: str, *, name: str = "vercel-consumer") -> AbstractConnection:
     """Open one AMQP connection, named for the broker's UI (no automatic reconnect: the worker
     owns that loop)."""
-    with broker_errors(f"connecting to {redact_url(url)}"):
+    with broker_errors(f"connecting to {broker_address(url)}"):
         async with asyncio.timeout(CONNECT_TIMEOUT):
             return await aio_pika.connect(url, client_properties={"connection_name": name})
+
+
+def broker_address(url: str) -> str:
+    """`host:port` of an AMQP URL: enough to say which broker, without the credentials."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
 
 
 async def open_channel(connection: AbstractConnection, *, prefetch: int = 0) -> AbstractChannel:

@@ -43,12 +43,17 @@ def close_consumer_connections() -> int:
 async def test_worker_waits_for_an_unreachable_broker_without_crashing(
     start_relay: Any,
 ) -> None:
-    """With no broker at the URL the worker keeps retrying, not consuming, and stops on request."""
-    broken = await start_relay(wait_consuming=False, amqp_url="amqp://guest:guest@127.0.0.1:1/")
+    """With no broker at the URL the worker keeps retrying, not consuming, and stops on request;
+    its log names the broker but not the password."""
+    broken = await start_relay(
+        wait_consuming=False, amqp_url="amqp://guest:hunter2-pw@127.0.0.1:1/"
+    )
     await asyncio.sleep(1.5)
     assert not broken.task.done()
     assert not broken.worker.consuming
     assert "broker unavailable" in broken.log_text()
+    assert "127.0.0.1:1" in broken.log_text()
+    assert "hunter2-pw" not in broken.log_text()
     await asyncio.wait_for(broken.shutdown(), 5)
 
 

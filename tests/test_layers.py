@@ -1,0 +1,71 @@
+"""The package's import graph: pure modules stay pure, and imports point down the layers only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "consumer"
+
+# Lower number = lower layer. A module may import its own layer or lower ones, never higher.
+LAYERS = {
+    "errors": 0,
+    "settings": 1,
+    "logs": 1,
+    "contract": 2,
+    "translate": 2,
+    "retry": 2,
+    "tokens": 3,
+    "vercel": 3,
+    "topology": 3,
+    "deadletter": 3,
+    "publisher": 3,
+    "sim": 3,
+    "handler": 4,
+    "worker": 4,
+    "cli": 5,
+    "__main__": 6,
+}
+PURE = ("contract", "translate", "retry")
+THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
+
+
+def imports_of(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new module must be placed in a layer here before it can be imported."""
+    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(LAYERS)
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_do_no_io(module: str) -> None:
+    """contract, translate and retry import neither the AMQP nor any HTTP library."""
+    roots = {name.split(".")[0] for name in imports_of(module)}
+    assert not roots & set(THIRD_PARTY_IO)
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_imports_point_down(module: str) -> None:
+    """No module imports one from a higher layer (entry points → orchestration → adapters → pure
+    → leaves)."""
+    own = [name.split(".")[1] for name in imports_of(module) if name.startswith("consumer.")]
+    upward = [name for name in own if LAYERS[name] > LAYERS[module]]
+    assert upward == []
+
+
+def test_only_the_cli_reads_settings() -> None:
+    """Settings are read once, by the CLI; other modules receive plain values."""
+    readers = {module for module in LAYERS if "consumer.settings" in imports_of(module)}
+    assert readers == {"cli"}

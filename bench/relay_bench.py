@@ -29,8 +29,8 @@ mark: the baseline runs first so that the relay's figure is not the baseline's).
 table, per contender: the preload's publish rate, the CPU seconds per 1,000 messages of the
 simulator and of the broker (from /proc; the broker's is the whole RabbitMQ VM, whoever else
 uses it), and the most requests the simulator had open at once (its `max_in_flight`). A
-warning is printed when the simulator saw errors or more requests than messages, e.g. when a
-test run closed the worker's connection (tests close every "vercel-consumer" connection).
+warning is printed when the simulator saw errors or more requests than messages (a
+redelivery after a lost connection, for instance).
 
 Publish-to-delivery latency is not measured: with a preloaded queue it would only measure how
 long a message waited behind the others, and the relay's translation drops `id` and `data`,
@@ -49,6 +49,7 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -56,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aio_pika
 import httpx
@@ -81,7 +82,7 @@ BASELINE_MAX_MESSAGES = 3000
 BASELINE_MAX_SECONDS = 30.0
 POLL_INTERVAL = 0.05  # seconds between progress checks while the relay runs
 STALL_TIMEOUT = 30.0  # seconds without progress before the run is abandoned
-# The bench's own connections get their own name: the worker's are named "vercel-consumer".
+# The bench's own connections get their own name in the broker's UI, apart from the worker's.
 CONNECTION_NAME = "relay-bench"
 
 
@@ -94,6 +95,7 @@ class Simulator:
 
     url: str
     process: subprocess.Popen[bytes]
+    log: IO[bytes]  # its stderr
     http: httpx.AsyncClient
 
     async def stats(self) -> dict[str, Any]:
@@ -108,7 +110,9 @@ class Simulator:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the simulator exited with status {self.process.returncode}")
+                raise RuntimeError(
+                    f"the simulator exited with status {self.process.returncode}: {_tail(self.log)}"
+                )
             with contextlib.suppress(httpx.TransportError):
                 await self.stats()
                 return
@@ -118,22 +122,38 @@ class Simulator:
 
 
 @contextlib.contextmanager
-def simulator_process(latency_ms: float) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Start `python -m consumer sim` on a free port; always stop it on the way out."""
+def simulator_process(
+    latency_ms: float,
+) -> Iterator[tuple[str, subprocess.Popen[bytes], IO[bytes]]]:
+    """Start `python -m consumer sim` on a free port; always stop it on the way out.
+
+    Its stderr goes to a temporary file, shown only if it fails to start: aiohttp logs a
+    traceback for every request whose client went away, which a disturbed run has plenty of.
+    """
     port = _free_port()
     command = [sys.executable, "-m", "consumer", "sim", "--port", str(port)]
     command += ["--token", f"{INSTALLATION}={TOKEN}", "--latency-ms", str(latency_ms)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    try:
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            yield f"http://127.0.0.1:{port}", process, log
+        finally:
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _tail(stream: IO[bytes], limit: int = 2000) -> str:
+    stream.seek(0)
+    return stream.read().decode(errors="replace")[-limit:].strip() or "(no output)"
 
 
 def _free_port() -> int:
@@ -307,9 +327,9 @@ def bench_event(index: int) -> dict[str, Any]:
 
 async def preload(exchange: str, count: int) -> float:
     """Publish `count` valid events with confirms, PUBLISH_BATCH at a time; return seconds."""
-    connection = await bench_connection()
-    channel = await open_channel(connection)  # publisher confirms
-    async with EventPublisher(connection, await channel.get_exchange(exchange)) as publisher:
+    async with await bench_connection() as connection:
+        channel = await open_channel(connection)  # publisher confirms
+        publisher = EventPublisher(connection, await channel.get_exchange(exchange))
         started = time.perf_counter()
         for first in range(0, count, PUBLISH_BATCH):
             batch = range(first, min(first + PUBLISH_BATCH, count))
@@ -510,9 +530,9 @@ def write_json(path: Path, args: argparse.Namespace, results: list[Result]) -> N
 
 async def run_all(args: argparse.Namespace) -> list[Result]:
     """Both contenders, baseline first (see peak RSS), against one simulator process."""
-    with simulator_process(args.latency_ms) as (url, process):
+    with simulator_process(args.latency_ms) as (url, process, log):
         async with httpx.AsyncClient(base_url=url) as http:
-            sim = Simulator(url, process, http)
+            sim = Simulator(url, process, log, http)
             await sim.wait_ready()
             admin = await bench_connection()
             async with admin:

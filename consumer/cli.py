@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Sequence
@@ -98,14 +99,20 @@ def build_worker(settings: Settings, vercel: VercelClient, log: Any) -> Worker:
         )
 
     amqp_url = settings.amqp_url.get_secret_value()
+    name = connection_name()
     return Worker(
-        connect=lambda: connect(amqp_url),
+        connect=lambda: connect(amqp_url, name=name),
         topology=topology,
         make_handler=make_handler,
         concurrency=settings.concurrency,
         shutdown_timeout=settings.shutdown_timeout,
         log=log,
     )
+
+
+def connection_name() -> str:
+    """How the broker's management UI names this worker's connection: host (the pod) and pid."""
+    return f"vercel-consumer {socket.gethostname()} pid {os.getpid()}"
 
 
 async def serve(settings: Settings) -> None:

@@ -138,6 +138,7 @@ class VercelSimulator:
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests ever open at once: shows client concurrency
+        self.client_ports: set[int] = set()  # one per TCP connection: shows connection reuse
         self.by_status: Counter[str] = Counter()
 
     # -- control -----------------------------------------------------------------------------
@@ -155,6 +156,7 @@ class VercelSimulator:
         self.accepted.clear()
         self.requests = 0
         self.max_in_flight = 0
+        self.client_ports.clear()
         self.by_status.clear()
         self.clear_faults()
 
@@ -239,6 +241,8 @@ class VercelSimulator:
     async def _handle_event(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         self.in_flight += 1
+        if request.transport is not None:
+            self.client_ports.add(request.transport.get_extra_info("peername")[1])
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             return await self._answer_event(request)

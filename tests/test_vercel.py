@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from consumer.errors import VercelRejected, VercelUnavailable
@@ -19,9 +20,13 @@ REQUEST = VercelRequest(
 )
 
 
-@pytest.fixture
-async def client(sim: VercelSimulator) -> AsyncIterator[VercelClient]:
-    vercel = VercelClient(sim.url, timeout=0.5)
+@pytest.fixture(params=["aiohttp-pool", "httpcore-pool"])
+async def client(
+    sim: VercelSimulator, request: pytest.FixtureRequest
+) -> AsyncIterator[VercelClient]:
+    """The client on its default transport, and on httpx's own: both map answers alike."""
+    transport = httpx.AsyncHTTPTransport() if request.param == "httpcore-pool" else None
+    vercel = VercelClient(sim.url, timeout=0.5, transport=transport)
     yield vercel
     await vercel.aclose()
 
@@ -33,6 +38,14 @@ async def test_created_is_delivered_with_vercel_id(
     delivered = await client.send(REQUEST, TOKENS["icfg_alpha"])
     assert delivered == Delivered(201, sim.accepted[0].vercel_id)
     assert delivered.vercel_id
+
+
+async def test_connections_are_reused(client: VercelClient, sim: VercelSimulator) -> None:
+    """Sequential events travel over one kept-alive connection, not one connection each."""
+    for _ in range(20):
+        await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert len(sim.accepted) == 20
+    assert len(sim.client_ports) == 1
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 422])
@@ -117,8 +130,8 @@ async def test_slow_answer_times_out_as_unavailable(
 
 
 async def test_unreachable_vercel_is_unavailable() -> None:
-    """Nothing listening on the port → VercelUnavailable (a connect error), not a crash."""
+    """Nothing listening on the port → VercelUnavailable naming the connect error, no crash."""
     vercel = VercelClient("http://127.0.0.1:9", timeout=1)
-    with pytest.raises(VercelUnavailable, match="ConnectError"):
+    with pytest.raises(VercelUnavailable, match=r"could not reach Vercel: .*Connect"):
         await vercel.send(REQUEST, "tok")
     await vercel.aclose()

@@ -8,6 +8,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
+from consumer.cli import connection_name
 from consumer.publisher import EventPublisher
 from consumer.sim import Fault, VercelSimulator
 from tests.conftest import event, wait_until
@@ -20,7 +21,7 @@ async def queue_depth(channel: AbstractChannel, queue: str) -> int:
 
 
 def close_consumer_connections() -> int:
-    """Close, from the broker's side, every connection named vercel-consumer; return how many."""
+    """Close, from the broker's side, this process's worker connections; return how many."""
     listing = subprocess.run(
         ["rabbitmqctl", "-s", "list_connections", "pid", "client_properties"],
         capture_output=True,
@@ -28,7 +29,7 @@ def close_consumer_connections() -> int:
         check=True,
         timeout=60,
     ).stdout
-    named = '{"connection_name","vercel-consumer"}'
+    named = f'{{"connection_name","{connection_name()}"}}'
     pids = [line.split("\t")[0] for line in listing.splitlines() if named in line]
     for pid in pids:
         subprocess.run(

@@ -91,7 +91,7 @@ class Handler:
                 await self._republisher.retry(message, decision, error.detail)
                 fields.update(retry_in_ms=decision.delay_ms, detail=error.detail)
                 outcome = "retried"
-        except BrokerError as exc:
+        except Exception as exc:  # noqa: BLE001 - BrokerError, or a header that will not encode
             await self._hand_back(message, exc, fields)
             return
         await self._settle(message, outcome, fields)
@@ -112,12 +112,14 @@ class Handler:
         log(outcome, **fields)
 
     async def _hand_back(
-        self, message: AbstractIncomingMessage, exc: BrokerError, fields: dict[str, Any]
+        self, message: AbstractIncomingMessage, exc: Exception, fields: dict[str, Any]
     ) -> None:
         """The copy was not confirmed: give the message back to the broker, unacked."""
         self.outcomes["republish_failed"] += 1
         self._log.error(
-            "could not republish; returning message to the queue", error=str(exc), **fields
+            "could not republish; returning message to the queue",
+            error=f"{type(exc).__name__}: {exc}",
+            **fields,
         )
         await asyncio.sleep(REPUBLISH_BACKOFF)  # do not spin on a broker that refuses us
         try:

@@ -366,3 +366,22 @@ async def test_topology_declare_is_idempotent(
     for _ in range(10):
         await publisher.publish(event())
     await wait_until(lambda: len(sim.accepted) == 10)
+
+
+async def test_message_whose_dead_letter_cannot_be_published_is_kept(
+    start_relay: Any,
+    publisher: EventPublisher,
+    channel: AbstractChannel,
+    names: dict[str, str],
+) -> None:
+    """While the DLQ is missing (unroutable), the message is not acked but handed back; once
+    the DLQ is back, its dead letter arrives: nothing is lost."""
+    relay = await start_relay()
+    dlq = f"{names['queue']}.dlq"
+    await channel.queue_delete(dlq)
+    await publisher.publish_raw(b"not json", event_id="evt_kept", event_type="resource.renamed")
+    await wait_until(lambda: "could not republish" in relay.log_text())
+    await channel.declare_queue(dlq, durable=True, arguments={"x-queue-type": "quorum"})
+    [dead] = await wait_for_dead_letters(channel, names["queue"], 1)
+    assert dead.message_id == "evt_kept"
+    assert dead.headers["dead-letter-reason"] == "invalid_message"

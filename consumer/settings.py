@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("vercel_token", "vercel_tokens_dir", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # An empty variable (a Helm value left blank) means "not set", not "" or the cwd.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("retry_delays", mode="before")
     @classmethod
     def _split_delays(cls, value: Any) -> Any:

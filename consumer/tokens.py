@@ -10,10 +10,14 @@ Tokens never appear in an exception message or a log line from here.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
-from consumer.errors import CredentialsError
+from consumer.errors import ConfigError, CredentialsError
+
+# RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class _Cached(NamedTuple):
@@ -25,6 +29,8 @@ class TokenStore:
     """Looks up the bearer token of an installation."""
 
     def __init__(self, directory: Path | None = None, fallback: str | None = None) -> None:
+        if fallback and not BEARER_TOKEN.fullmatch(fallback):
+            raise ConfigError("CONSUMER_VERCEL_TOKEN is not a bearer token (stray whitespace?)")
         self._directory = directory
         self._fallback = fallback or None
         self._cache: dict[str, _Cached] = {}
@@ -59,6 +65,8 @@ class TokenStore:
             token = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError):
             token = ""
+        if token and not BEARER_TOKEN.fullmatch(token):
+            token = ""  # not sendable in a header (a stray newline or space): treat as missing
         self._cache[installation_id] = _Cached(identity, token)
         self.reloads += 1
         return token

@@ -72,12 +72,12 @@ class VercelClient:
                     "POST", request.path, content=request.body, headers=headers
                 ) as response,
             ):
-                if response.is_success:
-                    # Read the (empty) body so the connection goes back to the pool: an unread
-                    # response closes it, and against HTTPS that costs a handshake per event.
-                    await response.aread()
-                    return Delivered(response.status_code, response.headers.get("x-vercel-id"))
+                # Read the body (empty on success) so the connection goes back to the pool: an
+                # unread response closes it, and against HTTPS that costs a handshake per event.
+                # Bounded: a runaway body only costs that connection.
                 body = await _read_at_most(response, _MAX_ERROR_BODY)
+                if response.is_success:
+                    return Delivered(response.status_code, response.headers.get("x-vercel-id"))
         except (httpx.HTTPError, aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_failure(exc) from None
         raise _failure(response, body)

@@ -84,3 +84,12 @@ def test_run_without_any_token_source_exits_2(tmp_path: Path) -> None:
     result = run_cli("run", env=env)
     assert result.returncode == 2
     assert "CONSUMER_VERCEL_TOKENS_DIR or CONSUMER_VERCEL_TOKEN" in result.stderr
+
+
+def test_blank_token_settings_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty CONSUMER_VERCEL_TOKEN or CONSUMER_VERCEL_TOKENS_DIR is unset, not '' or cwd."""
+    monkeypatch.setenv("CONSUMER_VERCEL_TOKEN", "")
+    monkeypatch.setenv("CONSUMER_VERCEL_TOKENS_DIR", " ")
+    settings = load_settings()
+    assert settings.vercel_token is None
+    assert settings.vercel_tokens_dir is None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.errors import CredentialsError, Reason
+from consumer.errors import ConfigError, CredentialsError, Reason
 from consumer.tokens import TokenStore
 
 
@@ -39,8 +39,8 @@ def test_rotated_added_and_removed_files_take_effect(tmp_path: Path) -> None:
     token_file = tmp_path / "icfg_1"
     token_file.write_text("old")
     assert store.token_for("icfg_1") == "old"
-    token_file.write_text("new!")
-    assert store.token_for("icfg_1") == "new!"
+    token_file.write_text("newer")
+    assert store.token_for("icfg_1") == "newer"
     token_file.unlink()
     with pytest.raises(CredentialsError):
         store.token_for("icfg_1")
@@ -85,3 +85,21 @@ def test_empty_token_file_counts_as_missing(tmp_path: Path) -> None:
     """An empty file falls back like a missing one."""
     (tmp_path / "icfg_1").write_text("\n")
     assert TokenStore(tmp_path, fallback="tok_all").token_for("icfg_1") == "tok_all"
+
+
+@pytest.mark.parametrize("content", ["tok en", "tok\nen", "tok\x00", "tøken"])
+def test_token_that_cannot_be_sent_in_a_header_counts_as_missing(
+    tmp_path: Path, content: str
+) -> None:
+    """A token with a space, newline, NUL or non-ASCII is unusable: no_credentials, not a
+    request that fails on every retry."""
+    (tmp_path / "icfg_1").write_text(content)
+    with pytest.raises(CredentialsError):
+        TokenStore(tmp_path).token_for("icfg_1")
+
+
+def test_unusable_fallback_token_is_a_configuration_error() -> None:
+    """CONSUMER_VERCEL_TOKEN with a newline inside fails at start-up, without echoing it."""
+    with pytest.raises(ConfigError) as caught:
+        TokenStore(None, fallback="tok\nsecret")
+    assert "secret" not in str(caught.value)

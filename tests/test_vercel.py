@@ -135,3 +135,13 @@ async def test_unreachable_vercel_is_unavailable() -> None:
     with pytest.raises(VercelUnavailable, match=r"could not reach Vercel: .*Connect"):
         await vercel.send(REQUEST, "tok")
     await vercel.aclose()
+
+
+async def test_runaway_success_body_is_not_read_whole(
+    client: VercelClient, sim: VercelSimulator
+) -> None:
+    """A 2xx with a huge body is still a delivery; only its first bytes are read."""
+    sim.add_fault(Fault(status=200, body=b"x" * 5_000_000, times=1))
+    delivered = await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert delivered.status == 200
+    assert (await client.send(REQUEST, TOKENS["icfg_alpha"])).status == 201

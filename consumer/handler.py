@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -46,7 +45,6 @@ class Handler:
         self._republisher = republisher
         self._max_body_bytes = max_body_bytes
         self._log = log
-        self.outcomes: Counter[str] = Counter()
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         attempts = attempts_made(message.headers) + 1
@@ -105,9 +103,7 @@ class Handler:
         except BrokerError as exc:
             # The channel is gone: the broker will redeliver, at worst as a duplicate.
             self._log.warning("ack failed; message will be redelivered", error=str(exc), **fields)
-            self.outcomes["ack_failed"] += 1
             return
-        self.outcomes[outcome] += 1
         log = self._log.warning if outcome == "dead_lettered" else self._log.info
         log(outcome, **fields)
 
@@ -115,7 +111,6 @@ class Handler:
         self, message: AbstractIncomingMessage, exc: Exception, fields: dict[str, Any]
     ) -> None:
         """The copy was not confirmed: give the message back to the broker, unacked."""
-        self.outcomes["republish_failed"] += 1
         self._log.error(
             "could not republish; returning message to the queue",
             error=f"{type(exc).__name__}: {exc}",

@@ -50,23 +50,24 @@ class Worker:
         self._reconnect_delays = reconnect_delays
         self._in_flight: set[asyncio.Task[Any]] = set()
         self.consuming = False  # readiness: connected, declared and consuming
+        self._consumed = False  # whether the current session got as far as consuming
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, reconnecting with backoff whenever the broker is lost."""
-        failures = 0
+        failures = 0  # in a row: a session that got as far as consuming starts the count anew
         while not stop.is_set():
             try:
                 await self._session(stop)
-                failures = 0
             except BrokerError as exc:
-                delay = self._reconnect_delays[min(failures, len(self._reconnect_delays) - 1)]
-                failures += 1
+                failures = 1 if self._consumed else failures + 1
+                delay = self._reconnect_delays[min(failures, len(self._reconnect_delays)) - 1]
                 self._log.warning("broker unavailable", error=str(exc), retry_in_s=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         self._log.info("worker stopped")
 
     async def _session(self, stop: asyncio.Event) -> None:
+        self._consumed = False
         connection = await self._connect()
         try:
             channel = await open_channel(connection, prefetch=self._concurrency)
@@ -74,7 +75,7 @@ class Worker:
             handler = self._make_handler(channel)
             with broker_errors("starting the consumer"):
                 consumer_tag = await queue.consume(self._tracked(handler))
-            self.consuming = True
+            self.consuming = self._consumed = True
             self._log.info("consuming", queue=self.topology.queue, concurrency=self._concurrency)
             lost = await _wait_either(stop.wait(), channel.closed())
             self.consuming = False

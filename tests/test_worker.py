@@ -122,3 +122,16 @@ async def _wait_depth(channel: AbstractChannel, queue: str, depth: int) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{queue} never held {depth} messages")
+
+
+async def test_conflicting_queue_is_reported_not_crashed_on(
+    start_relay: Any, channel: AbstractChannel, names: dict[str, str]
+) -> None:
+    """A work queue that exists with other arguments (a classic queue) is reported by name and
+    the worker keeps retrying instead of exiting into a crash loop."""
+    await channel.declare_queue(names["queue"], durable=True)
+    relay = await start_relay(wait_consuming=False)
+    await wait_until(lambda: "PRECONDITION_FAILED" in relay.log_text())
+    assert names["queue"] in relay.log_text()
+    assert not relay.task.done()
+    assert not relay.worker.consuming

@@ -181,7 +181,10 @@ def sim_command(args: argparse.Namespace) -> None:
     coroutine = serve_simulator(
         args.host, args.port, tokens, args.tokens_dir, args.latency_ms / 1000
     )
-    asyncio.run(coroutine)
+    try:
+        asyncio.run(coroutine)
+    except OSError as exc:  # the port is taken, or the host is not ours
+        raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror}") from None
 
 
 def _split_pair(pair: str) -> tuple[str, str]:

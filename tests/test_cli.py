@@ -107,3 +107,12 @@ def test_sim_command_serves_the_create_event_endpoint(sim_process: Any) -> None:
     assert httpx.post(path, json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
     stats = httpx.get(f"{sim_process}/_sim/stats").json()
     assert (stats["accepted"], stats["requests"]) == (1, 2)
+
+
+def test_sim_on_a_taken_port_fails_with_one_line(sim_process: str) -> None:
+    """A second simulator on the same port says so and exits 2, without a traceback."""
+    port = sim_process.rsplit(":", 1)[1]
+    result = cli("sim", "--port", port)
+    assert result.returncode == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

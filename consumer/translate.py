@@ -21,7 +21,6 @@ from consumer.contract import BillingEvent, Event, ResourceEvent
 class VercelRequest:
     """One Create Event call: where it goes and the JSON it carries."""
 
-    installation_id: str
     path: str
     body: bytes
 
@@ -40,7 +39,6 @@ def translate(event: Event) -> VercelRequest:
     else:  # pragma: no cover - the Event union is closed; this guards its next member
         raise TypeError(f"no translation for {type(event).__name__}")
     return VercelRequest(
-        installation_id=event.installation_id,
         path=events_path(event.installation_id),
         body=orjson.dumps({"event": payload}),
     )

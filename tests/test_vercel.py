@@ -14,7 +14,6 @@ from consumer.vercel import Delivered, VercelClient
 from tests.conftest import TOKENS
 
 REQUEST = VercelRequest(
-    "icfg_alpha",
     events_path("icfg_alpha"),
     b'{"event":{"type":"resource.updated","resourceId":"r1"}}',
 )

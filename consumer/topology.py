@@ -11,7 +11,8 @@ publishers ──▶ <exchange> (topic, durable) ──resource.# / billing.#─
 Retries and dead letters go through the default exchange by queue name, never back through the
 domain exchange whose other subscribers would see them again. Retry tiers dead-letter back to
 the work queue at-least-once (quorum queues, `x-overflow: reject-publish`), so a message in a
-tier survives a broker restart and is never dropped on its way back. aio-pika and aiormq errors
+tier survives a broker restart and is never dropped on its way back; the work queue likewise
+dead-letters into the DLQ whatever the broker itself gives up on. aio-pika and aiormq errors
 are mapped to `BrokerError` here (see `broker_errors`).
 """
 
@@ -94,25 +95,36 @@ async def declare(channel: AbstractChannel, topology: Topology) -> AbstractQueue
         exchange = await channel.declare_exchange(
             topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        work_queue = await channel.declare_queue(topology.queue, durable=True, arguments=QUORUM)
+        # The DLQ first: the work queue dead-letters into it.
+        await channel.declare_queue(topology.dead_letter_queue, durable=True, arguments=QUORUM)
+        work_queue = await channel.declare_queue(
+            topology.queue,
+            durable=True,
+            arguments=dead_lettering_to(topology.dead_letter_queue),
+        )
         for routing_key in BINDINGS:
             await work_queue.bind(exchange, routing_key)
         for delay_ms in topology.retry_tiers_ms:
             await channel.declare_queue(
                 topology.retry_queue(delay_ms),
                 durable=True,
-                arguments=retry_tier_arguments(topology.queue, delay_ms),
+                arguments={**dead_lettering_to(topology.queue), "x-message-ttl": delay_ms},
             )
-        await channel.declare_queue(topology.dead_letter_queue, durable=True, arguments=QUORUM)
         return work_queue
 
 
-def retry_tier_arguments(work_queue: str, delay_ms: int) -> dict[str, Any]:
+def dead_lettering_to(queue: str) -> dict[str, Any]:
+    """Quorum queue arguments that hand what the queue lets go of to `queue`, at least once.
+
+    For a retry tier that is every message, when its TTL expires. For the work queue it is a
+    safety net: we never reject without requeue, but a broker that gives up on a message
+    (RabbitMQ 4 applies a delivery limit of 20 to quorum queues by default) then puts it in
+    the DLQ instead of dropping it.
+    """
     return {
         **QUORUM,
-        "x-message-ttl": delay_ms,
         "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": work_queue,
+        "x-dead-letter-routing-key": queue,
         "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
+        "x-overflow": "reject-publish",  # at-least-once dead-lettering requires it
     }

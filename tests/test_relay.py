@@ -385,3 +385,22 @@ async def test_message_whose_dead_letter_cannot_be_published_is_kept(
     [dead] = await wait_for_dead_letters(channel, names["queue"], 1)
     assert dead.message_id == "evt_kept"
     assert dead.headers["dead-letter-reason"] == "invalid_message"
+
+
+async def test_a_message_the_broker_gives_up_on_lands_in_the_dlq(
+    start_relay: Any,
+    publisher: EventPublisher,
+    channel: AbstractChannel,
+    names: dict[str, str],
+) -> None:
+    """The work queue dead-letters into the DLQ: a message rejected without requeue (as the
+    broker does past a delivery limit) is kept there, not dropped."""
+    relay = await start_relay()
+    await relay.shutdown()  # no consumer of ours: this test takes the message itself
+    await publisher.publish(event(id="evt_given_up"))
+    queue = await channel.get_queue(names["queue"], ensure=False)
+    message = await queue.get(timeout=5)
+    await message.reject(requeue=False)
+    [dead] = await wait_for_dead_letters(channel, names["queue"], 1)
+    assert dead.message_id == "evt_given_up"
+    assert dead.headers["x-first-death-reason"] == "rejected"

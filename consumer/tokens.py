@@ -34,7 +34,7 @@ class TokenStore:
         self._directory = directory
         self._fallback = fallback or None
         self._cache: dict[str, _Cached] = {}
-        self.reloads = 0  # how many times a token file was (re-)read; surfaced as a metric
+        self.reloads = 0  # how many times a token file was (re-)read
 
     def token_for(self, installation_id: str) -> str:
         """The installation's token; CredentialsError when none is configured."""

@@ -28,7 +28,7 @@ from consumer.translate import VercelRequest
 
 USER_AGENT = f"vercel-event-consumer/{__version__}"
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
-_MAX_ERROR_BODY = 2048  # bytes of an error answer kept for the dead letter's detail
+_MAX_BODY_READ = 2048  # bytes of an answer read: an error's go into the dead letter's detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +50,13 @@ class VercelClient:
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
         self._timeout = timeout
         self._client = httpx.AsyncClient(
             base_url=api_url,
             timeout=timeout,
             headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
             follow_redirects=False,
-            transport=transport or AiohttpTransport(limits=limits),
+            transport=transport or _pooled_transport(max_connections),
         )
 
     async def send(self, request: VercelRequest, token: str) -> Delivered:
@@ -75,7 +72,7 @@ class VercelClient:
                 # Read the body (empty on success) so the connection goes back to the pool: an
                 # unread response closes it, and against HTTPS that costs a handshake per event.
                 # Bounded: a runaway body only costs that connection.
-                body = await _read_at_most(response, _MAX_ERROR_BODY)
+                body = await _read_at_most(response, _MAX_BODY_READ)
                 if response.is_success:
                     return Delivered(response.status_code, response.headers.get("x-vercel-id"))
         except (httpx.HTTPError, aiohttp.ClientError, TimeoutError) as exc:
@@ -84,6 +81,14 @@ class VercelClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _pooled_transport(max_connections: int) -> httpx.AsyncBaseTransport:
+    """aiohttp's pool, keeping every connection it may open alive between events."""
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
+    return AiohttpTransport(limits=limits)
 
 
 async def _read_at_most(response: httpx.Response, limit: int) -> bytes:

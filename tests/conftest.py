@@ -7,6 +7,7 @@ and everything a test declared is deleted afterwards.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import os
 import subprocess
@@ -37,16 +38,21 @@ TOKENS = {"icfg_alpha": "tok_alpha_s3cr3t", "icfg_beta": "tok_beta_s3cr3t"}
 
 
 async def wait_until(
-    predicate: Callable[[], bool],
+    predicate: Callable[[], bool | Awaitable[bool]],
     timeout: float = 20.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
     interval: float = 0.02,
 ) -> None:
-    """Poll `predicate` until it holds; fail the test with a clear message at the deadline."""
+    """Poll `predicate` (plain or async) until it holds; fail clearly at the deadline."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not await _holds(predicate):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def _holds(predicate: Callable[[], bool | Awaitable[bool]]) -> bool:
+    result = predicate()
+    return await result if inspect.isawaitable(result) else result
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

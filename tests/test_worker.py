@@ -41,6 +41,26 @@ def close_consumer_connections() -> int:
     return len(pids)
 
 
+async def hold_in_flight(
+    sim: VercelSimulator, publisher: EventPublisher, count: int, *, latency: float
+) -> set[str]:
+    """Publish `count` events that Vercel answers only after `latency` seconds; return their
+    resource ids once all of them are in flight."""
+    sim.add_fault(Fault(latency=latency, times=count))
+    resource_ids = {f"res_{number}" for number in range(count)}
+    for resource_id in sorted(resource_ids):
+        await publisher.publish(event(resource_id=resource_id))
+    await wait_until(lambda: sim.in_flight == count)
+    return resource_ids
+
+
+async def depth_becomes(channel: AbstractChannel, queue: str, depth: int) -> None:
+    async def reached() -> bool:
+        return await queue_depth(channel, queue) == depth
+
+    await wait_until(reached, timeout=5)
+
+
 async def test_worker_waits_for_an_unreachable_broker_without_crashing(
     start_relay: Any,
 ) -> None:
@@ -67,17 +87,14 @@ async def test_worker_reconnects_after_the_broker_drops_it(
 ) -> None:
     """A connection closed by the broker is re-opened; events in flight then and after arrive."""
     relay = await start_relay(concurrency=4)
-    sim.add_fault(Fault(latency=0.5, times=4))
-    for number in range(4):
-        await publisher.publish(event(resource_id=f"res_{number}"))
-    await wait_until(lambda: sim.in_flight == 4)
+    in_flight = await hold_in_flight(sim, publisher, 4, latency=0.5)
     assert await asyncio.to_thread(close_consumer_connections) >= 1
     await wait_until(lambda: not relay.worker.consuming, timeout=10)
     await wait_until(lambda: relay.worker.consuming, timeout=20)
     await publisher.publish(event(resource_id="res_after"))
-    expected = {f"res_{number}" for number in range(4)} | {"res_after"}
+    expected = in_flight | {"res_after"}
     await wait_until(lambda: {a.event["resourceId"] for a in sim.accepted} >= expected)
-    await _wait_depth(channel, names["queue"], 0)
+    await depth_becomes(channel, names["queue"], 0)
 
 
 async def test_shutdown_lets_deliveries_in_flight_finish(
@@ -89,10 +106,7 @@ async def test_shutdown_lets_deliveries_in_flight_finish(
 ) -> None:
     """On stop, requests already sent complete and are acked before the worker exits."""
     relay = await start_relay(shutdown_timeout=10)
-    sim.add_fault(Fault(latency=0.5))
-    for _ in range(5):
-        await publisher.publish(event())
-    await wait_until(lambda: sim.in_flight == 5)
+    await hold_in_flight(sim, publisher, 5, latency=0.5)
     await relay.shutdown()
     assert len(sim.accepted) == 5
     assert await queue_depth(channel, names["queue"]) == 0
@@ -107,21 +121,10 @@ async def test_shutdown_timeout_leaves_unfinished_deliveries_for_redelivery(
 ) -> None:
     """Deliveries still running at the shutdown timeout are not acked: they return to the queue."""
     relay = await start_relay(shutdown_timeout=0.3)
-    sim.add_fault(Fault(latency=5))
-    for _ in range(3):
-        await publisher.publish(event())
-    await wait_until(lambda: sim.in_flight == 3)
+    await hold_in_flight(sim, publisher, 3, latency=5)
     await asyncio.wait_for(relay.shutdown(), 5)
-    await _wait_depth(channel, names["queue"], 3)
+    await depth_becomes(channel, names["queue"], 3)
     assert sim.accepted == []
-
-
-async def _wait_depth(channel: AbstractChannel, queue: str, depth: int) -> None:
-    for _ in range(100):
-        if await queue_depth(channel, queue) == depth:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{queue} never held {depth} messages")
 
 
 async def test_conflicting_queue_is_reported_not_crashed_on(

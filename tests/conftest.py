@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from consumer.sim import VercelSimulator
 from consumer.topology import Topology
 from consumer.vercel import VercelClient
 from consumer.worker import Worker
+from tests.brokers import PrivateBroker
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 TOKENS = {"icfg_alpha": "tok_alpha_s3cr3t", "icfg_beta": "tok_beta_s3cr3t"}
@@ -80,6 +81,15 @@ async def amqp() -> AsyncIterator[AbstractConnection]:
 @pytest.fixture
 async def channel(amqp: AbstractConnection) -> AbstractChannel:
     return await amqp.channel()
+
+
+@pytest.fixture(scope="session")
+def private_broker() -> Iterator[PrivateBroker]:
+    """A RabbitMQ node of its own, for tests that stop, restart or cut off the broker."""
+    broker = PrivateBroker()
+    broker.start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture

@@ -13,11 +13,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
 from typing import Any
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from consumer.translate import VercelRequest
 
 INSTALLATION = "icfg_bench"
 TOKEN = "tok_bench"
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+Post = Callable[[VercelRequest], Awaitable[None]]
+PLAIN_CLIENTS = ("httpx", "httpx-limits", "httpx-aiohttp", "aiohttp")
 
 
 def parse_args(doc: str, *extra: tuple[str, dict[str, Any]]) -> argparse.Namespace:
@@ -48,3 +58,43 @@ def run(main: Coroutine[Any, Any, None], *, use_uvloop: bool) -> None:
         uvloop.run(main)
     else:
         asyncio.run(main)
+
+
+async def open_client(stack: AsyncExitStack, client: str, url: str, concurrency: int) -> Post:
+    """A function that POSTs one request with a plain HTTP client (one of PLAIN_CLIENTS),
+    raising on a non-2xx answer; the client is closed with `stack`.
+
+    - `httpx`: `httpx.AsyncClient()` as it comes (httpcore's pool: 100 connections, 20 kept).
+    - `httpx-limits`: httpx with `Limits(max_connections=C, max_keepalive_connections=C)`.
+    - `httpx-aiohttp`: httpx's API on httpx-aiohttp's `AiohttpTransport` with those limits.
+    - `aiohttp`: `aiohttp.ClientSession` with `TCPConnector(limit=C)`, `post()` and `read()`.
+    """
+    if client == "aiohttp":
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        session = aiohttp.ClientSession(url, connector=connector, headers=HEADERS)
+        await stack.enter_async_context(session)
+
+        async def post_aiohttp(request: VercelRequest) -> None:
+            async with session.post(request.path, data=request.body) as response:
+                await response.read()
+                response.raise_for_status()
+
+        return post_aiohttp
+    http = await stack.enter_async_context(_httpx_client(client, url, concurrency))
+
+    async def post_httpx(request: VercelRequest) -> None:
+        (await http.post(request.path, content=request.body)).raise_for_status()
+
+    return post_httpx
+
+
+def _httpx_client(client: str, url: str, concurrency: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    if client == "httpx":
+        return httpx.AsyncClient(base_url=url, headers=HEADERS)
+    if client == "httpx-limits":
+        return httpx.AsyncClient(base_url=url, headers=HEADERS, limits=limits)
+    if client == "httpx-aiohttp":
+        transport = AiohttpTransport(limits=limits)
+        return httpx.AsyncClient(base_url=url, headers=HEADERS, transport=transport)
+    raise SystemExit(f"unknown client {client!r}; one of {', '.join(PLAIN_CLIENTS)}")

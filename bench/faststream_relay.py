@@ -20,49 +20,22 @@ framework and the HTTP client differ from the relay.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
-import aiohttp
-import httpx
-from _contender import TOKEN, parse_args, ready_then_go, run
+from _contender import open_client, parse_args, ready_then_go, run
 from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
 from consumer.contract import parse_event
-from consumer.translate import VercelRequest, translate
-
-HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-Post = Callable[[VercelRequest], Awaitable[None]]
-
-
-async def open_client(stack: AsyncExitStack, client: str, url: str, concurrency: int) -> Post:
-    """POST one request with the chosen HTTP client, raising on a non-2xx answer."""
-    if client == "httpx":
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        http = httpx.AsyncClient(base_url=url, headers=HEADERS, limits=limits)
-        await stack.enter_async_context(http)
-
-        async def post_httpx(request: VercelRequest) -> None:
-            (await http.post(request.path, content=request.body)).raise_for_status()
-
-        return post_httpx
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    session = aiohttp.ClientSession(url, connector=connector, headers=HEADERS)
-    await stack.enter_async_context(session)
-
-    async def post_aiohttp(request: VercelRequest) -> None:
-        async with session.post(request.path, data=request.body) as response:
-            await response.read()
-            response.raise_for_status()
-
-    return post_aiohttp
+from consumer.translate import translate
 
 
 async def main(url: str, queue: str, sim_url: str, concurrency: int, client: str) -> None:
     broker = RabbitBroker(url, default_channel=Channel(prefetch_count=concurrency), logger=None)
     async with AsyncExitStack() as stack:
-        post = await open_client(stack, client, sim_url, concurrency)
+        # "httpx" at its documented best: limits sized to C (see _contender.open_client).
+        plain = "httpx-limits" if client == "httpx" else client
+        post = await open_client(stack, plain, sim_url, concurrency)
 
         @broker.subscriber(RabbitQueue(queue, queue_type=QueueType.QUORUM, declare=False))
         async def relay(message: RabbitMessage) -> None:

@@ -59,7 +59,8 @@ class Process:
         env: Mapping[str, str] | None = None,
         handshake: bool = False,
     ) -> AsyncIterator[Process]:
-        """Start `command`; terminate it (SIGTERM, then SIGKILL) on the way out."""
+        """Start `command` (in `env`, else this process's environment); terminate it
+        (SIGTERM, then SIGKILL) on the way out."""
         pipe = asyncio.subprocess.PIPE
         with tempfile.TemporaryFile() as log:
             child = await asyncio.create_subprocess_exec(
@@ -67,7 +68,7 @@ class Process:
                 stdin=pipe if handshake else asyncio.subprocess.DEVNULL,
                 stdout=pipe if handshake else log,
                 stderr=log,
-                env={**os.environ, **(env or {})},
+                env=env,
             )
             process = cls(name, child, log)
             try:

@@ -187,8 +187,8 @@ class Run:
 
 def fresh_topology() -> Topology:
     name = f"bench-{uuid.uuid4().hex[:12]}"
-    defaults = Settings.model_construct()
-    policy = RetryPolicy(Settings.model_fields["retry_delays"].default, defaults.max_attempts)
+    defaults = Settings.model_construct()  # what the relay uses: relay_env sets neither
+    policy = RetryPolicy(defaults.retry_delays, defaults.max_attempts)
     return Topology(name, name, policy.tiers_ms)
 
 
@@ -259,7 +259,10 @@ def relay_command() -> list[str]:
 
 
 def relay_env(run: Run) -> dict[str, str]:
+    """The relay's environment: the bench's settings, none inherited from this shell."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CONSUMER_")}
     return {
+        **inherited,
         "CONSUMER_AMQP_URL": AMQP_URL,
         "CONSUMER_VERCEL_API_URL": run.sim.url,
         "CONSUMER_VERCEL_TOKEN": TOKEN,
@@ -380,6 +383,8 @@ def targets(results: Sequence[Result], options: argparse.Namespace) -> list[Targ
         cpu_bound = 1000 / relay.cpu_per_1k() if relay.cpu_per_1k() else float("inf")
         goal = 0.9 * min(concurrency_bound, cpu_bound)
         name = f"90% of min(C/latency = {concurrency_bound:.0f}, CPU ceiling = {cpu_bound:.0f})"
+        if http := rows.get("http"):  # what the simulator allowed the HTTP client alone
+            name += f" (http alone did {http.rate:.0f})"
         found.append(Target(name, goal, relay.rate, relay.rate >= goal))
     for result in results:
         if result.key.startswith("relay"):

@@ -124,8 +124,9 @@ app.kubernetes.io/component: worker
 {{- range $flag, $value := dict "--reason" $f.reason "--type" $f.type "--installation" $f.installation "--since" $f.since "--until" $f.until }}
 {{- if $value }}{{ $args = concat $args (list $flag $value) }}{{ end }}
 {{- end }}
-{{- if not (kindIs "invalid" $f.status) }}{{ $args = concat $args (list "--status" ($f.status | int64 | toString)) }}{{ end }}
+{{- if not (kindIs "invalid" $f.status) }}{{ $args = concat $args (list "--status" ($f.status | toString)) }}{{ end }}
 {{- if not (kindIs "invalid" $replay.limit) }}{{ $args = concat $args (list "--limit" ($replay.limit | int64 | toString)) }}{{ end }}
+{{- if not (kindIs "invalid" $replay.wait) }}{{ $args = concat $args (list "--wait" ($replay.wait | toString)) }}{{ end }}
 {{- if not (kindIs "invalid" $replay.rate) }}{{ $args = concat $args (list "--rate" ($replay.rate | toString)) }}{{ end }}
 {{- if $replay.dryRun }}{{ $args = append $args "--dry-run" }}{{ end }}
 {{- if $replay.toOrigin }}{{ $args = append $args "--to-origin" }}{{ end }}

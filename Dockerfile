@@ -27,8 +27,9 @@ RUN python3 -m venv /opt/venv \
 COPY pyproject.toml README.md ./
 COPY consumer ./consumer
 # The package itself, built offline with the locked setuptools; then pip and setuptools leave
-# the virtualenv: the runtime stage installs nothing.
+# the virtualenv (`pip check` first: the lock must hold every dependency).
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation --no-index . \
+    && /opt/venv/bin/pip check \
     && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 FROM ${BASE_IMAGE} AS runtime

@@ -479,14 +479,15 @@ CONFIG_VARIABLES = {
     "maxRps": ("CONSUMER_MAX_RPS", 250.5, "250.5"),
     "healthPort": ("CONSUMER_HEALTH_PORT", 9090, "9090"),
     "healthHost": ("CONSUMER_HEALTH_HOST", "::", "::"),
+    "queueDepthInterval": ("CONSUMER_QUEUE_DEPTH_INTERVAL", 60, "60"),
     "logFormat": ("CONSUMER_LOG_FORMAT", "console", "console"),
     "logLevel": ("CONSUMER_LOG_LEVEL", "debug", "debug"),
 }
 # Set by the chart from other values rather than from `config`.
 CHART_MANAGED = {"CONSUMER_AMQP_URL", "CONSUMER_VERCEL_TOKEN", "CONSUMER_VERCEL_TOKENS_DIR"}
-# Agreed settings (health server) that the chart sets before the worker reads them; once
+# Settings of the health server and metrics that the chart sets before the worker reads them; once
 # consumer/settings.py has them, the check below covers them like the others.
-PLANNED = {"CONSUMER_HEALTH_PORT", "CONSUMER_HEALTH_HOST"}
+PLANNED = {"CONSUMER_HEALTH_PORT", "CONSUMER_HEALTH_HOST", "CONSUMER_QUEUE_DEPTH_INTERVAL"}
 
 
 def documented_settings() -> set[str]:
@@ -559,6 +560,10 @@ def settings_bounds(field: str) -> dict[str, float]:
     return bounds
 
 
+# The chart needs the health server (probes, metrics): it refuses the worker's "0 = off".
+NARROWED_BY_THE_CHART = {"healthPort": {"minimum": 1}}
+
+
 def test_schema_bounds_match_the_worker_settings() -> None:
     """values.schema.json refuses exactly the numbers and lengths the worker would refuse."""
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
@@ -567,7 +572,8 @@ def test_schema_bounds_match_the_worker_settings() -> None:
         field = variable.removeprefix("CONSUMER_").lower()
         if field not in Settings.model_fields or not settings_bounds(field):
             continue
-        assert schema_bounds(schema["properties"][key]) == settings_bounds(field), key
+        expected = settings_bounds(field) | NARROWED_BY_THE_CHART.get(key, {})
+        assert schema_bounds(schema["properties"][key]) == expected, key
         compared += 1
     assert compared >= 10
 

@@ -3,7 +3,9 @@
 The handler never lets an exception escape and never acks a message before its outcome is
 durable: after Vercel's 2xx, or after the broker confirmed the copy in a retry tier or the DLQ.
 When that copy cannot be published the message is left to the broker to deliver again.
-Everything it needs is built once and passed in; nothing is constructed per message.
+Each outcome and each call to Vercel is counted in `Metrics`; a valid W3C `traceparent` message
+header is forwarded to Vercel and its trace id logged. Everything it needs is built once and
+passed in; nothing is constructed per message.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from consumer.contract import Event, parse_event
 from consumer.deadletter import Republisher, attempts_made
 from consumer.errors import BrokerError, DeliveryError, VercelError
+from consumer.metrics import Metrics, retry_cause
 from consumer.retry import DeadLetter, RetryPolicy
 from consumer.tokens import TokenStore
 from consumer.topology import broker_errors
-from consumer.translate import translate
-from consumer.vercel import VercelClient
+from consumer.tracing import HEADER as TRACEPARENT
+from consumer.tracing import parse_traceparent
+from consumer.translate import VercelRequest, translate
+from consumer.vercel import Delivered, VercelClient
 
 REPUBLISH_BACKOFF = 1.0  # seconds to wait before handing a message back after a failed publish
 
@@ -38,6 +43,7 @@ class Handler:
         republisher: Republisher,
         max_body_bytes: int,
         log: Any,
+        metrics: Metrics,
     ) -> None:
         self._vercel = vercel
         self._tokens = tokens
@@ -45,6 +51,7 @@ class Handler:
         self._republisher = republisher
         self._max_body_bytes = max_body_bytes
         self._log = log
+        self._metrics = metrics
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         attempts = attempts_made(message.headers) + 1
@@ -53,12 +60,13 @@ class Handler:
             "routing_key": message.routing_key,
             "attempt": attempts,
         }
+        trace_headers = self._trace_headers(message, fields)
         started = time.perf_counter()
         try:
             event = parse_event(message.body, max_bytes=self._max_body_bytes)
             fields.update(_event_fields(event))
             token = self._tokens.token_for(event.installation_id)
-            delivered = await self._vercel.send(translate(event), token)
+            delivered = await self._send(translate(event), token, trace_headers)
         except DeliveryError as error:
             fields.update(_error_fields(error, started))
             await self._reroute(message, error, attempts, fields)
@@ -70,7 +78,37 @@ class Handler:
         else:
             fields.update(status=delivered.status, vercel_id=delivered.vercel_id)
             fields["latency_ms"] = _elapsed_ms(started)
+            self._metrics.outcome("delivered", event.type)
             await self._settle(message, "delivered", fields)
+
+    def _trace_headers(
+        self, message: AbstractIncomingMessage, fields: dict[str, Any]
+    ) -> dict[str, str] | None:
+        """The message's W3C traceparent, to forward to Vercel; its trace id goes in the log."""
+        raw = message.headers.get(TRACEPARENT) if message.headers else None
+        if raw is None:
+            return None
+        trace = parse_traceparent(raw)
+        if trace is None:
+            self._log.debug(
+                "ignoring an invalid traceparent header", value=repr(raw)[:120], **fields
+            )
+            return None
+        fields["trace_id"] = trace.trace_id
+        return {TRACEPARENT: trace.value}
+
+    async def _send(
+        self, request: VercelRequest, token: str, headers: dict[str, str] | None
+    ) -> Delivered:
+        """One call to Vercel, timed by status class for the latency histogram."""
+        started = time.perf_counter()
+        try:
+            delivered = await self._vercel.send(request, token, headers)
+        except VercelError as error:
+            self._metrics.vercel_request(error.status, time.perf_counter() - started)
+            raise
+        self._metrics.vercel_request(delivered.status, time.perf_counter() - started)
+        return delivered
 
     async def _reroute(
         self,
@@ -84,14 +122,15 @@ class Handler:
             if isinstance(decision, DeadLetter):
                 await self._republisher.dead_letter(message, decision)
                 fields.update(reason=decision.reason.value, detail=decision.detail)
-                outcome = "dead_lettered"
+                outcome, reason = "dead_lettered", decision.reason.value
             else:
                 await self._republisher.retry(message, decision, error.detail)
                 fields.update(retry_in_ms=decision.delay_ms, detail=error.detail)
-                outcome = "retried"
+                outcome, reason = "retried", retry_cause(error)
         except Exception as exc:  # noqa: BLE001 - BrokerError, or a header that will not encode
             await self._hand_back(message, exc, fields)
             return
+        self._metrics.outcome(outcome, fields.get("type"), reason)
         await self._settle(message, outcome, fields)
 
     async def _settle(
@@ -111,6 +150,7 @@ class Handler:
         self, message: AbstractIncomingMessage, exc: Exception, fields: dict[str, Any]
     ) -> None:
         """The copy was not confirmed: give the message back to the broker, unacked."""
+        self._metrics.outcome("returned", fields.get("type"))
         self._log.error(
             "could not republish; returning message to the queue",
             error=f"{type(exc).__name__}: {exc}",

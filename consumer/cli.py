@@ -22,6 +22,8 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 
 from consumer import __version__
+from consumer.breaker import CircuitBreaker
+from consumer.breaker import State as BreakerState
 from consumer.contract import example_event, json_schema
 from consumer.deadletter import Republisher
 from consumer.depths import DepthSampler
@@ -31,6 +33,7 @@ from consumer.health import HealthServer
 from consumer.logs import configure_logging, get_logger
 from consumer.metrics import Metrics
 from consumer.publisher import EventPublisher
+from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import RetryPolicy
 from consumer.settings import Settings, load_settings
 from consumer.tokens import TokenStore
@@ -89,10 +92,15 @@ def build_worker(
 ) -> Worker:
     """Wire the worker's collaborators from settings, recording into `metrics` (or a new one)."""
     metrics = Metrics() if metrics is None else metrics
-    policy = RetryPolicy(settings.retry_delays, settings.max_attempts)
+    policy = RetryPolicy(
+        settings.retry_delays, settings.max_attempts, max_age=settings.max_retry_age
+    )
     topology = Topology(settings.exchange, settings.queue, policy.tiers_ms)
     fallback = settings.vercel_token.get_secret_value() if settings.vercel_token else None
     tokens = TokenStore(settings.vercel_tokens_dir, fallback)
+    breaker = build_breaker(settings, log)
+    limits = InstallationLimits()
+    rate = RequestRate(settings.max_rps)
 
     def make_handler(channel: AbstractChannel) -> MessageHandler:
         return Handler(
@@ -100,7 +108,11 @@ def build_worker(
             tokens=tokens,
             policy=policy,
             republisher=Republisher(channel, topology),
+            breaker=breaker,
+            limits=limits,
+            rate=rate,
             max_body_bytes=settings.max_body_bytes,
+            max_redeliveries=settings.max_redeliveries,
             log=log,
             metrics=metrics,
         )
@@ -111,12 +123,20 @@ def build_worker(
         connect=lambda: connect(amqp_url, name=name),
         topology=topology,
         make_handler=make_handler,
+        breaker=breaker,
         concurrency=settings.concurrency,
         shutdown_timeout=settings.shutdown_timeout,
         log=log,
         session_task=_depth_sampling(settings, topology, metrics, log),
     )
-    _sample_state(metrics, worker, tokens, settings.concurrency)
+    metrics.concurrency_limit.set(settings.concurrency)
+    metrics.sample_from(
+        in_flight=lambda: worker.in_flight,
+        consuming=lambda: worker.consuming,
+        reconnects=lambda: worker.reconnects,
+        token_reloads=lambda: tokens.reloads,
+        circuit_state=lambda: breaker.state.value,
+    )
     return worker
 
 
@@ -131,14 +151,16 @@ def _depth_sampling(
     return lambda connection: sampler.watch(connection, interval)
 
 
-def _sample_state(metrics: Metrics, worker: Worker, tokens: TokenStore, concurrency: int) -> None:
-    """Metrics read from the worker and the token store at each scrape."""
-    metrics.concurrency_limit.set(concurrency)
-    metrics.sample_from(
-        in_flight=lambda: worker.in_flight,
-        consuming=lambda: worker.consuming,
-        reconnects=lambda: worker.reconnects,
-        token_reloads=lambda: tokens.reloads,
+def build_breaker(settings: Settings, log: Any) -> CircuitBreaker:
+    def log_change(previous: BreakerState, state: BreakerState, why: str) -> None:
+        level = log.info if state is BreakerState.CLOSED else log.warning
+        level("circuit breaker", circuit=state.value, previous=previous.value, why=why)
+
+    return CircuitBreaker(
+        window=settings.breaker_window,
+        failure_ratio=settings.breaker_failure_ratio,
+        probe_delays=settings.breaker_probe_delays,
+        on_change=log_change,
     )
 
 

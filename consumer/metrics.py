@@ -8,8 +8,9 @@ status classes, queue kinds, circuit states. No id and no free-form event type (
 publisher's choice) ever becomes a label, so the number of series is bounded whatever arrives.
 
 The hot path records through label children bound once, up front. Values the worker keeps
-anyway (deliveries in flight, whether it consumes, reconnects, token-file reloads) are read when
-Prometheus scrapes, through callables given to `sample_from`, and cost nothing per message.
+anyway (deliveries in flight, whether it consumes, reconnects, token-file reloads, the circuit
+breaker's state) are read when Prometheus scrapes, through callables given to `sample_from`, and
+cost nothing per message.
 docs/operations.md lists every metric with what to alert on.
 """
 
@@ -23,10 +24,10 @@ from prometheus_client.registry import Collector
 
 from consumer import __version__
 from consumer.contract import FAMILIES
-from consumer.errors import DeliveryError, Reason, VercelError
+from consumer.errors import DeliveryError, Reason, VercelError, VercelThrottled
 
 PREFIX = "vercel_consumer"
-OUTCOMES = ("delivered", "retried", "dead_lettered", "returned")
+OUTCOMES = ("delivered", "retried", "deferred", "dead_lettered", "returned")
 RETRY_CAUSES = ("rate_limited", "vercel_unavailable", "internal_error")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")  # error: no HTTP answer at all
 QUEUE_KINDS = ("work", "retry", "dlq")
@@ -69,13 +70,6 @@ class Metrics:
             ["queue"],
             registry=self.registry,
         )
-        self._circuit = Gauge(
-            f"{PREFIX}_circuit_state",
-            "1 for the state the Vercel circuit breaker is in, 0 for the others.",
-            ["state"],
-            registry=self.registry,
-        )
-        self.circuit_state("closed")
         self.event_loop_lag = Gauge(
             f"{PREFIX}_event_loop_lag_seconds",
             "How late the event loop's last heartbeat ran (seconds).",
@@ -117,21 +111,23 @@ class Metrics:
         """Drop the depths: better no series than a stale one while the broker is away."""
         self._queue_messages.clear()
 
-    def circuit_state(self, state: str) -> None:
-        """Record the circuit breaker's state: one of CIRCUIT_STATES."""
-        for known in CIRCUIT_STATES:
-            self._circuit.labels(known).set(1 if known == state else 0)
-
     def sample_from(
-        self, *, in_flight: Sample, consuming: Sample, reconnects: Sample, token_reloads: Sample
+        self,
+        *,
+        in_flight: Sample,
+        consuming: Sample,
+        reconnects: Sample,
+        token_reloads: Sample,
+        circuit_state: Callable[[], str],
     ) -> None:
-        """Read these values at each scrape (from the worker and the token store)."""
+        """Read these at each scrape (from the worker, the token store and the breaker)."""
         self._sampled.sources = {
             "in_flight": in_flight,
             "consuming": consuming,
             "reconnects": reconnects,
             "token_reloads": token_reloads,
         }
+        self._sampled.circuit_state = circuit_state
 
 
 def event_family(event_type: str | None) -> str:
@@ -150,9 +146,12 @@ def status_class(status: int | None) -> str:
 
 
 def retry_cause(error: DeliveryError) -> str:
-    """Why a failure is retried, as a label: Vercel's 429, Vercel otherwise, or our own bug."""
+    """Why a failure is retried or deferred, as a label: a rate limit (Vercel's 429, or our own
+    limiter holding the call back), Vercel otherwise, or our own bug."""
+    if isinstance(error, VercelThrottled):
+        return "rate_limited"
     if isinstance(error, VercelError):
-        return "rate_limited" if error.status == 429 else "vercel_unavailable"
+        return "vercel_unavailable"
     return "internal_error"
 
 
@@ -162,6 +161,7 @@ def _delivery_keys() -> Iterable[tuple[str, str, str]]:
         yield ("delivered", family, "")
         yield ("returned", family, "")
         yield from (("retried", family, cause) for cause in RETRY_CAUSES)
+        yield from (("deferred", family, cause) for cause in RETRY_CAUSES)
         yield from (("dead_lettered", family, reason.value) for reason in Reason)
 
 
@@ -170,6 +170,7 @@ class _Sampled(Collector):
 
     def __init__(self) -> None:
         self.sources: dict[str, Sample] = {}
+        self.circuit_state: Callable[[], str] = lambda: "closed"
 
     def _value(self, name: str) -> float:
         source = self.sources.get(name)
@@ -186,6 +187,15 @@ class _Sampled(Collector):
             "1 while connected to the broker and consuming the work queue, else 0.",
             value=self._value("consuming"),
         )
+        circuit = GaugeMetricFamily(
+            f"{PREFIX}_circuit_state",
+            "1 for the state the Vercel circuit breaker is in, 0 for the others.",
+            labels=["state"],
+        )
+        current = self.circuit_state()
+        for state in CIRCUIT_STATES:
+            circuit.add_metric([state], 1.0 if state == current else 0.0)
+        yield circuit
         yield CounterMetricFamily(
             f"{PREFIX}_broker_reconnects",
             "Times the worker lost the broker, or failed to reach it, and tried again.",

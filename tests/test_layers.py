@@ -18,6 +18,8 @@ LAYERS = {
     "translate": 2,
     "retry": 2,
     "tracing": 2,
+    "breaker": 2,
+    "ratelimit": 2,
     "tokens": 3,
     "vercel": 3,
     "topology": 3,
@@ -32,7 +34,7 @@ LAYERS = {
     "cli": 5,
     "__main__": 6,
 }
-PURE = ("contract", "translate", "retry", "tracing")
+PURE = ("contract", "translate", "retry", "tracing", "breaker", "ratelimit")
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
 
@@ -55,7 +57,7 @@ def test_every_module_has_a_layer() -> None:
 
 @pytest.mark.parametrize("module", PURE)
 def test_pure_modules_do_no_io(module: str) -> None:
-    """contract, translate, retry and tracing import neither the AMQP nor any HTTP library."""
+    """The pure modules import neither the AMQP nor any HTTP library."""
     roots = {name.split(".")[0] for name in imports_of(module)}
     assert not roots & set(THIRD_PARTY_IO)
 

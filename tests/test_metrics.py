@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 from prometheus_client import generate_latest
 
-from consumer.errors import DeliveryError, Reason, VercelUnavailable
+from consumer.errors import DeliveryError, Reason, VercelThrottled, VercelUnavailable
 from consumer.metrics import Metrics, event_family, retry_cause, status_class
 from consumer.publisher import EventPublisher
 from consumer.sim import Fault, VercelSimulator
-from tests.conftest import event, sample, scrape, wait_until
+from tests.conftest import event, get_json, sample, scrape, wait_until
 
 DELIVERIES = "vercel_consumer_deliveries_total"
 LATENCY_COUNT = "vercel_consumer_vercel_request_duration_seconds_count"
@@ -34,7 +34,9 @@ def test_labels_come_from_fixed_vocabularies() -> None:
         "error",
         "error",
     ]
-    assert retry_cause(VercelUnavailable("x", status=429)) == "rate_limited"
+    assert retry_cause(VercelThrottled("x", status=429)) == "rate_limited"
+    assert retry_cause(VercelThrottled("held back by our limiter")) == "rate_limited"
+    assert retry_cause(VercelUnavailable("x", status=503)) == "vercel_unavailable"
     assert retry_cause(VercelUnavailable("x", status=None)) == "vercel_unavailable"
     assert retry_cause(DeliveryError("internal error: KeyError")) == "internal_error"
 
@@ -128,7 +130,7 @@ async def test_in_flight_consuming_and_concurrency_are_read_at_scrape_time(
     """While Vercel holds 3 requests, in_flight says 3 of a limit of 16, and consuming is 1."""
     relay = await start_relay(concurrency=16)
     health = await serve_health(relay)
-    sim.add_fault(Fault(latency=2.0, times=3))
+    sim.add_fault(Fault(latency=1.0, times=3))  # below the relay's 2 s HTTP timeout
     for _ in range(3):
         await publisher.publish(event())
     await wait_until(lambda: sim.in_flight == 3)
@@ -138,7 +140,10 @@ async def test_in_flight_consuming_and_concurrency_are_read_at_scrape_time(
     assert sample(samples, "vercel_consumer_consuming") == 1
     await wait_until(lambda: len(sim.accepted) == 3)
     await wait_until(lambda: relay.worker.in_flight == 0)
-    assert sample(await scrape(health.url), "vercel_consumer_in_flight") == 0
+    samples = await scrape(health.url)
+    assert sample(samples, "vercel_consumer_in_flight") == 0
+    delivered = {"outcome": "delivered", "event_family": "resource", "reason": ""}
+    assert sample(samples, DELIVERIES, **delivered) == 3
 
 
 async def test_token_file_reads_are_counted(
@@ -180,3 +185,45 @@ async def test_queue_depths_are_sampled_by_kind(
     samples = await scrape(health.url)
     assert sample(samples, "vercel_consumer_queue_messages", queue="retry") == 0
     assert sample(samples, "vercel_consumer_queue_messages", queue="work") == 0
+
+
+async def test_a_rate_limited_call_counts_as_deferred(
+    start_relay: Any, serve_health: Any, sim: VercelSimulator, publisher: EventPublisher
+) -> None:
+    """Vercel's 429 parks the message without spending an attempt: deferred, rate_limited."""
+    relay = await start_relay()
+    health = await serve_health(relay)
+    sim.add_fault(Fault(status=429, retry_after="0", times=1))
+    await publisher.publish(event())
+    await wait_until(lambda: len(sim.accepted) == 1)
+    labels = {"outcome": "deferred", "event_family": "resource", "reason": "rate_limited"}
+    assert sample(await scrape(health.url), DELIVERIES, **labels) == 1
+
+
+async def test_circuit_state_and_readiness_follow_the_breaker(
+    start_relay: Any, serve_health: Any, sim: VercelSimulator, publisher: EventPublisher
+) -> None:
+    """A Vercel-wide outage shows as circuit_state open (or half_open) and /readyz 503
+    circuit_open; once Vercel is back, closed and ready again."""
+    relay = await start_relay(
+        retry_delays=(0.1, 0.2), breaker_window=10, breaker_probe_delays=(0.3, 0.6)
+    )
+    health = await serve_health(relay)
+    sim.add_fault(Fault(status=503))
+    for number in range(20):
+        installation = ("icfg_alpha", "icfg_beta")[number % 2]
+        await publisher.publish(event(installation_id=installation))
+
+    async def circuit_not_closed() -> bool:
+        closed = sample(await scrape(health.url), "vercel_consumer_circuit_state", state="closed")
+        return closed == 0
+
+    await wait_until(circuit_not_closed)
+    status, body = await get_json(f"{health.url}/readyz")
+    assert (status, body["reason"]) == (503, "circuit_open")
+    sim.clear_faults()
+    await wait_until(lambda: len(sim.accepted) == 20)
+    samples = await scrape(health.url)
+    assert sample(samples, "vercel_consumer_circuit_state", state="closed") == 1
+    assert sample(samples, "vercel_consumer_circuit_state", state="open") == 0
+    assert (await get_json(f"{health.url}/readyz"))[0] == 200

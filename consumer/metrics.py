@@ -27,10 +27,8 @@ from consumer.contract import FAMILIES
 from consumer.errors import DeliveryError, Reason, VercelError, VercelThrottled
 
 PREFIX = "vercel_consumer"
-OUTCOMES = ("delivered", "retried", "deferred", "dead_lettered", "returned")
 RETRY_CAUSES = ("rate_limited", "vercel_unavailable", "internal_error")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")  # error: no HTTP answer at all
-QUEUE_KINDS = ("work", "retry", "dlq")
 CIRCUIT_STATES = ("closed", "open", "half_open")
 UNKNOWN = "unknown"
 # Seconds. Vercel answers in tens of milliseconds; CONSUMER_HTTP_TIMEOUT is 10 s by default.
@@ -124,7 +122,7 @@ class Metrics:
         self._sampled.sources = {
             "in_flight": in_flight,
             "consuming": consuming,
-            "reconnects": reconnects,
+            "broker_reconnects": reconnects,
             "token_reloads": token_reloads,
         }
         self._sampled.circuit_state = circuit_state
@@ -165,6 +163,23 @@ def _delivery_keys() -> Iterable[tuple[str, str, str]]:
         yield from (("dead_lettered", family, reason.value) for reason in Reason)
 
 
+# Values read at scrape time: (name without the prefix, type, help); sources are keyed by name.
+_SAMPLED: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str], ...] = (
+    ("in_flight", GaugeMetricFamily, "Deliveries being handled now (at most the concurrency)."),
+    ("consuming", GaugeMetricFamily, "1 while connected to the broker and consuming, else 0."),
+    (
+        "broker_reconnects",
+        CounterMetricFamily,
+        "Times the worker lost the broker, or failed to reach it, and tried again.",
+    ),
+    (
+        "token_reloads",
+        CounterMetricFamily,
+        "Token files (re-)read: once per installation, then once per rotation.",
+    ),
+)
+
+
 class _Sampled(Collector):
     """Values owned elsewhere, read at scrape time (0 until `Metrics.sample_from` wires them)."""
 
@@ -172,21 +187,11 @@ class _Sampled(Collector):
         self.sources: dict[str, Sample] = {}
         self.circuit_state: Callable[[], str] = lambda: "closed"
 
-    def _value(self, name: str) -> float:
-        source = self.sources.get(name)
-        return float(source()) if source is not None else 0.0
-
     def collect(self) -> Iterable[Metric]:
-        yield GaugeMetricFamily(
-            f"{PREFIX}_in_flight",
-            "Deliveries being handled right now (at most CONSUMER_CONCURRENCY).",
-            value=self._value("in_flight"),
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_consuming",
-            "1 while connected to the broker and consuming the work queue, else 0.",
-            value=self._value("consuming"),
-        )
+        for name, family, documentation in _SAMPLED:
+            source = self.sources.get(name)
+            value = float(source()) if source is not None else 0.0
+            yield family(f"{PREFIX}_{name}", documentation, value=value)
         circuit = GaugeMetricFamily(
             f"{PREFIX}_circuit_state",
             "1 for the state the Vercel circuit breaker is in, 0 for the others.",
@@ -196,13 +201,3 @@ class _Sampled(Collector):
         for state in CIRCUIT_STATES:
             circuit.add_metric([state], 1.0 if state == current else 0.0)
         yield circuit
-        yield CounterMetricFamily(
-            f"{PREFIX}_broker_reconnects",
-            "Times the worker lost the broker, or failed to reach it, and tried again.",
-            value=self._value("reconnects"),
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_token_reloads",
-            "Token files (re-)read: once per installation, then once per rotation.",
-            value=self._value("token_reloads"),
-        )

@@ -26,9 +26,12 @@ from consumer.breaker import CircuitBreaker
 from consumer.breaker import State as BreakerState
 from consumer.contract import example_event, json_schema
 from consumer.deadletter import Republisher
+from consumer.depths import DepthSampler
 from consumer.errors import BrokerError, ConfigError, ContractError
 from consumer.handler import Handler
+from consumer.health import HealthServer
 from consumer.logs import configure_logging, get_logger
+from consumer.metrics import Metrics
 from consumer.publisher import EventPublisher
 from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import RetryPolicy
@@ -36,7 +39,7 @@ from consumer.settings import Settings, load_settings
 from consumer.tokens import TokenStore
 from consumer.topology import Topology, connect
 from consumer.vercel import VercelClient
-from consumer.worker import MessageHandler, Worker
+from consumer.worker import MessageHandler, SessionTask, Worker
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -84,8 +87,11 @@ def run_command(_: argparse.Namespace) -> None:
     asyncio.run(serve(settings))
 
 
-def build_worker(settings: Settings, vercel: VercelClient, log: Any) -> Worker:
-    """Wire the worker's collaborators from settings."""
+def build_worker(
+    settings: Settings, vercel: VercelClient, log: Any, metrics: Metrics | None = None
+) -> Worker:
+    """Wire the worker's collaborators from settings, recording into `metrics` (or a new one)."""
+    metrics = Metrics() if metrics is None else metrics
     policy = RetryPolicy(
         settings.retry_delays, settings.max_attempts, max_age=settings.max_retry_age
     )
@@ -108,11 +114,12 @@ def build_worker(settings: Settings, vercel: VercelClient, log: Any) -> Worker:
             max_body_bytes=settings.max_body_bytes,
             max_redeliveries=settings.max_redeliveries,
             log=log,
+            metrics=metrics,
         )
 
     amqp_url = settings.amqp_url.get_secret_value()
     name = connection_name()
-    return Worker(
+    worker = Worker(
         connect=lambda: connect(amqp_url, name=name),
         topology=topology,
         make_handler=make_handler,
@@ -120,7 +127,28 @@ def build_worker(settings: Settings, vercel: VercelClient, log: Any) -> Worker:
         concurrency=settings.concurrency,
         shutdown_timeout=settings.shutdown_timeout,
         log=log,
+        session_task=_depth_sampling(settings, topology, metrics, log),
     )
+    metrics.concurrency_limit.set(settings.concurrency)
+    metrics.sample_from(
+        in_flight=lambda: worker.in_flight,
+        consuming=lambda: worker.consuming,
+        reconnects=lambda: worker.reconnects,
+        token_reloads=lambda: tokens.reloads,
+        circuit_state=lambda: breaker.state.value,
+    )
+    return worker
+
+
+def _depth_sampling(
+    settings: Settings, topology: Topology, metrics: Metrics, log: Any
+) -> SessionTask | None:
+    """The queue-depth poller run alongside each broker session; None when switched off."""
+    interval = settings.queue_depth_interval
+    if interval <= 0:
+        return None
+    sampler = DepthSampler(topology, metrics, log)
+    return lambda connection: sampler.watch(connection, interval)
 
 
 def build_breaker(settings: Settings, log: Any) -> CircuitBreaker:
@@ -142,14 +170,16 @@ def connection_name() -> str:
 
 
 async def serve(settings: Settings) -> None:
-    """Run the worker until SIGTERM/SIGINT; a second signal exits at once."""
+    """Run the worker and its health endpoint until SIGTERM/SIGINT; a second signal exits at
+    once."""
     log = get_logger("consumer")
+    metrics = Metrics()
     vercel = VercelClient(
         settings.vercel_api_url,
         timeout=settings.http_timeout,
         max_connections=settings.concurrency,
     )
-    worker = build_worker(settings, vercel, log)
+    worker = build_worker(settings, vercel, log, metrics)
     stop = asyncio.Event()
     _install_signal_handlers(stop, log)
     log.info(
@@ -160,10 +190,33 @@ async def serve(settings: Settings) -> None:
         queue=settings.queue,
         concurrency=settings.concurrency,
     )
+    health: HealthServer | None = None
     try:
+        health = await start_health(settings, worker, metrics, log)
         await worker.run(stop)
     finally:
+        if health is not None:  # after the drain: /readyz says shutting_down until the end
+            await health.stop()
         await vercel.aclose()
+
+
+async def start_health(
+    settings: Settings, worker: Worker, metrics: Metrics, log: Any
+) -> HealthServer | None:
+    """Serve /livez, /readyz and /metrics on CONSUMER_HEALTH_PORT (None when it is 0)."""
+    if settings.health_port == 0:
+        return None
+    health = HealthServer(worker.readiness, metrics)
+    host, port = settings.health_host, settings.health_port
+    try:
+        url = await health.start(host, port)
+    except OSError as exc:  # the port is taken, or the host is not ours
+        raise ConfigError(
+            f"cannot serve the health endpoint on {host}:{port} "
+            f"(CONSUMER_HEALTH_HOST, CONSUMER_HEALTH_PORT): {exc.strerror}"
+        ) from None
+    log.info("health endpoint", url=url, paths=["/livez", "/readyz", "/metrics"])
+    return health
 
 
 def _install_signal_handlers(stop: asyncio.Event, log: Any) -> None:

@@ -17,6 +17,7 @@ LAYERS = {
     "contract": 2,
     "translate": 2,
     "retry": 2,
+    "tracing": 2,
     "breaker": 2,
     "ratelimit": 2,
     "tokens": 3,
@@ -25,12 +26,15 @@ LAYERS = {
     "deadletter": 3,
     "publisher": 3,
     "sim": 3,
+    "metrics": 3,
+    "depths": 3,
+    "health": 3,
     "handler": 4,
     "worker": 4,
     "cli": 5,
     "__main__": 6,
 }
-PURE = ("contract", "translate", "retry", "breaker", "ratelimit")
+PURE = ("contract", "translate", "retry", "tracing", "breaker", "ratelimit")
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
 
@@ -53,7 +57,7 @@ def test_every_module_has_a_layer() -> None:
 
 @pytest.mark.parametrize("module", PURE)
 def test_pure_modules_do_no_io(module: str) -> None:
-    """contract, translate and retry import neither the AMQP nor any HTTP library."""
+    """The pure modules import neither the AMQP nor any HTTP library."""
     roots = {name.split(".")[0] for name in imports_of(module)}
     assert not roots & set(THIRD_PARTY_IO)
 

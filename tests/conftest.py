@@ -89,11 +89,14 @@ async def channel(amqp: AbstractConnection) -> AbstractChannel:
 
 @pytest.fixture(scope="session")
 def private_broker() -> Iterator[PrivateBroker]:
-    """A RabbitMQ node of its own, for tests that stop, restart or cut off the broker."""
+    """A RabbitMQ node of its own, for tests that stop, restart or cut off the broker. Left
+    running if it was already (another test session on this machine may be using it)."""
     broker = PrivateBroker()
+    was_running = broker.is_ready()
     broker.start()
     yield broker
-    broker.stop()
+    if not was_running:
+        broker.stop()
 
 
 @pytest.fixture

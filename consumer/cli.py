@@ -22,12 +22,15 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 
 from consumer import __version__
+from consumer.breaker import CircuitBreaker
+from consumer.breaker import State as BreakerState
 from consumer.contract import example_event, json_schema
 from consumer.deadletter import Republisher
 from consumer.errors import BrokerError, ConfigError, ContractError
 from consumer.handler import Handler
 from consumer.logs import configure_logging, get_logger
 from consumer.publisher import EventPublisher
+from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import RetryPolicy
 from consumer.settings import Settings, load_settings
 from consumer.tokens import TokenStore
@@ -83,10 +86,15 @@ def run_command(_: argparse.Namespace) -> None:
 
 def build_worker(settings: Settings, vercel: VercelClient, log: Any) -> Worker:
     """Wire the worker's collaborators from settings."""
-    policy = RetryPolicy(settings.retry_delays, settings.max_attempts)
+    policy = RetryPolicy(
+        settings.retry_delays, settings.max_attempts, max_age=settings.max_retry_age
+    )
     topology = Topology(settings.exchange, settings.queue, policy.tiers_ms)
     fallback = settings.vercel_token.get_secret_value() if settings.vercel_token else None
     tokens = TokenStore(settings.vercel_tokens_dir, fallback)
+    breaker = build_breaker(settings, log)
+    limits = InstallationLimits()
+    rate = RequestRate(settings.max_rps)
 
     def make_handler(channel: AbstractChannel) -> MessageHandler:
         return Handler(
@@ -94,7 +102,11 @@ def build_worker(settings: Settings, vercel: VercelClient, log: Any) -> Worker:
             tokens=tokens,
             policy=policy,
             republisher=Republisher(channel, topology),
+            breaker=breaker,
+            limits=limits,
+            rate=rate,
             max_body_bytes=settings.max_body_bytes,
+            max_redeliveries=settings.max_redeliveries,
             log=log,
         )
 
@@ -104,9 +116,23 @@ def build_worker(settings: Settings, vercel: VercelClient, log: Any) -> Worker:
         connect=lambda: connect(amqp_url, name=name),
         topology=topology,
         make_handler=make_handler,
+        breaker=breaker,
         concurrency=settings.concurrency,
         shutdown_timeout=settings.shutdown_timeout,
         log=log,
+    )
+
+
+def build_breaker(settings: Settings, log: Any) -> CircuitBreaker:
+    def log_change(previous: BreakerState, state: BreakerState, why: str) -> None:
+        level = log.info if state is BreakerState.CLOSED else log.warning
+        level("circuit breaker", circuit=state.value, previous=previous.value, why=why)
+
+    return CircuitBreaker(
+        window=settings.breaker_window,
+        failure_ratio=settings.breaker_failure_ratio,
+        probe_delays=settings.breaker_probe_delays,
+        on_change=log_change,
     )
 
 

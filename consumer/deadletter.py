@@ -8,7 +8,8 @@ default exchange. Only when the broker has confirmed may the caller ack the orig
 Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
 `original-routing-key`, `last-error` (retries), `dead-letter-reason`, `dead-letter-detail`,
 `dead-letter-http-status`, `dead-lettered-at` (dead letters) and `replay-count`, `replayed-at`
-(set by `vercel-consumer dlq replay`, see consumer/dlq.py).
+(set by `vercel-consumer dlq replay`, see consumer/dlq.py). The broker's `x-delivery-count` is
+dropped from copies: it counts deliveries of the original, and a copy starts afresh.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ DEAD_LETTERED_AT = "dead-lettered-at"
 REPLAY_COUNT = "replay-count"
 REPLAYED_AT = "replayed-at"
 MAX_DETAIL_BYTES = 1024
+# Set by quorum queues: how often the broker delivered this copy before without an ack. Ours
+# only for reading; never carried over to a copy, which is a new message.
+DELIVERY_COUNT = "x-delivery-count"
 
 
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
@@ -44,6 +48,28 @@ def attempts_made(headers: Mapping[str, Any] | None) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000:
         return value
     return 0
+
+
+def redeliveries(headers: Mapping[str, Any] | None) -> int:
+    """How often the broker delivered this copy before without an outcome (0 the first time)."""
+    value = (headers or {}).get(DELIVERY_COUNT)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def retry_age(headers: Mapping[str, Any] | None, now: datetime) -> float:
+    """Seconds since the message's first attempt; 0 when this is it (or the stamp is bad)."""
+    stamp = (headers or {}).get(FIRST_ATTEMPT_AT)
+    if isinstance(stamp, bytes):
+        stamp = stamp.decode("utf-8", errors="replace")
+    if not isinstance(stamp, str):
+        return 0.0
+    try:
+        first = datetime.fromisoformat(stamp)
+    except ValueError:
+        return 0.0
+    if first.tzinfo is None:
+        first = first.replace(tzinfo=UTC)
+    return max(0.0, (now - first).total_seconds())
 
 
 def truncate_utf8(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
@@ -90,6 +116,7 @@ class Republisher:
 
     def _carried_headers(self, message: AbstractIncomingMessage, attempts: int) -> HeadersType:
         headers: HeadersType = dict(message.headers or {})
+        headers.pop(DELIVERY_COUNT, None)
         headers.setdefault(ORIGINAL_EXCHANGE, message.exchange or "")
         headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
         headers.setdefault(FIRST_ATTEMPT_AT, rfc3339(self._clock()))

@@ -1,29 +1,49 @@
-"""One delivery, start to finish: parse → translate → token → send → ack | retry | dead letter.
+"""One delivery, start to finish: parse → translate → token → wait its turn → send → ack |
+retry | dead letter.
 
 The handler never lets an exception escape and never acks a message before its outcome is
 durable: after Vercel's 2xx, or after the broker confirmed the copy in a retry tier or the DLQ.
 When that copy cannot be published the message is left to the broker to deliver again.
 Everything it needs is built once and passed in; nothing is constructed per message.
+
+Before sending, a message waits for its installation's rate limit and the global one: a short
+wait is held in place, a longer one is deferred to a retry tier (without spending an attempt)
+so that it does not hold a consumer slot the other installations need. Every Vercel call is
+reported to the circuit breaker; while it is open, failures do not spend attempts either.
+A message the broker has redelivered more than `max_redeliveries` times is dead-lettered
+unprocessed: it may be what killed the workers that held it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.breaker import CircuitBreaker
 from consumer.contract import Event, parse_event
-from consumer.deadletter import Republisher, attempts_made
-from consumer.errors import BrokerError, DeliveryError, VercelError
+from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
+from consumer.errors import (
+    BrokerError,
+    DeliveryError,
+    RedeliveryLimit,
+    VercelError,
+    VercelRejected,
+    VercelThrottled,
+    VercelUnavailable,
+)
+from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import DeadLetter, RetryPolicy
 from consumer.tokens import TokenStore
 from consumer.topology import broker_errors
 from consumer.translate import translate
-from consumer.vercel import VercelClient
+from consumer.vercel import Delivered, VercelClient
 
 REPUBLISH_BACKOFF = 1.0  # seconds to wait before handing a message back after a failed publish
+HOLD_IN_PLACE = 1.0  # seconds: a shorter rate-limit wait is held in place, a longer one deferred
 
 
 class Handler:
@@ -36,14 +56,22 @@ class Handler:
         tokens: TokenStore,
         policy: RetryPolicy,
         republisher: Republisher,
+        breaker: CircuitBreaker,
+        limits: InstallationLimits,
+        rate: RequestRate,
         max_body_bytes: int,
+        max_redeliveries: int,
         log: Any,
     ) -> None:
         self._vercel = vercel
         self._tokens = tokens
         self._policy = policy
         self._republisher = republisher
+        self._breaker = breaker
+        self._limits = limits
+        self._rate = rate
         self._max_body_bytes = max_body_bytes
+        self._max_redeliveries = max_redeliveries
         self._log = log
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
@@ -55,10 +83,11 @@ class Handler:
         }
         started = time.perf_counter()
         try:
+            self._check_redeliveries(message)
             event = parse_event(message.body, max_bytes=self._max_body_bytes)
             fields.update(_event_fields(event))
             token = self._tokens.token_for(event.installation_id)
-            delivered = await self._vercel.send(translate(event), token)
+            delivered = await self._send(event, token)
         except DeliveryError as error:
             fields.update(_error_fields(error, started))
             await self._reroute(message, error, attempts, fields)
@@ -72,6 +101,42 @@ class Handler:
             fields["latency_ms"] = _elapsed_ms(started)
             await self._settle(message, "delivered", fields)
 
+    def _check_redeliveries(self, message: AbstractIncomingMessage) -> None:
+        count = redeliveries(message.headers)
+        if count > self._max_redeliveries:
+            raise RedeliveryLimit(
+                f"delivered {count + 1} times without an outcome (more than"
+                f" CONSUMER_MAX_REDELIVERIES={self._max_redeliveries} redeliveries); the workers"
+                " that held it may have died processing it, so it is not processed again"
+            )
+
+    async def _send(self, event: Event, token: str) -> Delivered:
+        """Send once the installation's turn has come; tell the breaker and limiter the answer."""
+        installation = event.installation_id
+        await self._wait_turn(installation)
+        try:
+            delivered = await self._vercel.send(translate(event), token)
+        except VercelThrottled as error:
+            self._limits.block(installation, error.retry_after or HOLD_IN_PLACE)
+            raise
+        except (VercelUnavailable, VercelRejected) as error:
+            # A 4xx comes from a Vercel that is up; only transient failures point to an outage.
+            self._breaker.record(installation, failed=isinstance(error, VercelUnavailable))
+            raise
+        self._breaker.record(installation, failed=False)
+        self._limits.observe(installation, delivered.quota)
+        return delivered
+
+    async def _wait_turn(self, installation: str) -> None:
+        while (wait := self._limits.wait_for(installation)) > 0:
+            if wait > HOLD_IN_PLACE:
+                raise VercelThrottled(
+                    f"held back: installation over its Vercel rate limit for {wait:.1f} s more",
+                    retry_after=wait,
+                )
+            await asyncio.sleep(wait)
+        await self._rate.acquire()
+
     async def _reroute(
         self,
         message: AbstractIncomingMessage,
@@ -79,7 +144,8 @@ class Handler:
         attempts: int,
         fields: dict[str, Any],
     ) -> None:
-        decision = self._policy.decide(error, attempts)
+        age = retry_age(message.headers, datetime.now(UTC))
+        decision = self._policy.decide(error, attempts, age=age, counted=not self._breaker.is_open)
         try:
             if isinstance(decision, DeadLetter):
                 await self._republisher.dead_letter(message, decision)
@@ -88,7 +154,8 @@ class Handler:
             else:
                 await self._republisher.retry(message, decision, error.detail)
                 fields.update(retry_in_ms=decision.delay_ms, detail=error.detail)
-                outcome = "retried"
+                # Deferred: waits without spending an attempt (rate limit, open circuit).
+                outcome = "retried" if decision.attempts == attempts else "deferred"
         except Exception as exc:  # noqa: BLE001 - BrokerError, or a header that will not encode
             await self._hand_back(message, exc, fields)
             return

@@ -17,6 +17,8 @@ LAYERS = {
     "contract": 2,
     "translate": 2,
     "retry": 2,
+    "breaker": 2,
+    "ratelimit": 2,
     "tokens": 3,
     "vercel": 3,
     "topology": 3,
@@ -28,7 +30,7 @@ LAYERS = {
     "cli": 5,
     "__main__": 6,
 }
-PURE = ("contract", "translate", "retry")
+PURE = ("contract", "translate", "retry", "breaker", "ratelimit")
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
 

@@ -6,9 +6,10 @@ as a header), add our headers, and publish with confirms and mandatory routing t
 default exchange. Only when the broker has confirmed may the caller ack the original.
 
 Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
-`original-routing-key`, `last-error` (retries) and `dead-letter-reason`, `dead-letter-detail`,
-`dead-letter-http-status`, `dead-lettered-at` (dead letters). The broker's `x-delivery-count`
-is dropped from copies: it counts deliveries of the original, and a copy starts afresh.
+`original-routing-key`, `last-error` (retries), `dead-letter-reason`, `dead-letter-detail`,
+`dead-letter-http-status`, `dead-lettered-at` (dead letters) and `replay-count`, `replayed-at`
+(set by `vercel-consumer dlq replay`, see consumer/dlq.py). The broker's `x-delivery-count` is
+dropped from copies: it counts deliveries of the original, and a copy starts afresh.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ REASON = "dead-letter-reason"
 DETAIL = "dead-letter-detail"
 HTTP_STATUS = "dead-letter-http-status"
 DEAD_LETTERED_AT = "dead-lettered-at"
+REPLAY_COUNT = "replay-count"
+REPLAYED_AT = "replayed-at"
 MAX_DETAIL_BYTES = 1024
 # Set by quorum queues: how often the broker delivered this copy before without an ack. Ours
 # only for reading; never carried over to a copy, which is a new message.
@@ -125,19 +128,26 @@ class Republisher:
     async def _publish(
         self, message: AbstractIncomingMessage, headers: HeadersType, queue: str
     ) -> None:
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=message.priority,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
+        copy = copy_message(message, headers)
         with broker_errors(f"publishing to {queue}"):
             await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+
+
+def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
+    """A persistent copy of `message`: the same body and properties with other `headers`, and
+    neither `expiration` (it would let the copy vanish) nor `user_id` (the broker checks it
+    against our login; callers keep it as the `original-user-id` header)."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_rps: float = Field(0.0, ge=0, le=1_000_000)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    health_port: int = Field(8080, ge=0, le=65535)
+    health_host: str = Field("0.0.0.0", min_length=1)  # noqa: S104 - probes come from outside the pod
+    queue_depth_interval: float = Field(15.0, ge=0, le=3600)
 
     @field_validator("vercel_token", "vercel_tokens_dir", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ aiohttp's pool did 1,198/s at 0.45 ms; bench/README.md). Pass `transport=` to us
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -64,9 +65,14 @@ class VercelClient:
             transport=transport or _pooled_transport(max_connections),
         )
 
-    async def send(self, request: VercelRequest, token: str) -> Delivered:
-        """Deliver one event; raise VercelRejected or VercelUnavailable when it was not."""
+    async def send(
+        self, request: VercelRequest, token: str, extra_headers: Mapping[str, str] | None = None
+    ) -> Delivered:
+        """Deliver one event; raise VercelRejected or VercelUnavailable when it was not.
+        `extra_headers` (such as `traceparent`) are sent along."""
         headers = {"Authorization": f"Bearer {token}"}
+        if extra_headers:
+            headers = {**extra_headers, **headers}
         try:
             async with (
                 asyncio.timeout(self._timeout),

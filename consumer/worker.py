@@ -13,15 +13,17 @@ When the circuit breaker opens (Vercel down for everyone) the worker cancels its
 messages wait in the work queue, and fetches one message at a time (`basic.get`) as a probe
 whenever the breaker allows one; once a probe succeeds the breaker closes and it consumes again.
 
-`readiness()` says whether the worker is consuming, and why not: starting, disconnected,
-circuit_open or shutting_down.
+`readiness()` says whether the worker is consuming, and why not: starting, disconnected (with
+the broker's error), circuit_open or shutting_down. `in_flight`, `consuming` and `reconnects`
+are read by the metrics at scrape time. A `session_task` (the queue-depth poller) runs
+alongside each broker session, on its connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from aio_pika.abc import (
@@ -37,6 +39,7 @@ from consumer.topology import Topology, broker_errors, declare, open_channel
 
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 Connect = Callable[[], Awaitable[AbstractConnection]]
+SessionTask = Callable[[AbstractConnection], Coroutine[Any, Any, None]]
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 EMPTY_QUEUE_POLL = 1.0  # seconds between probe fetches while the work queue is empty
 
@@ -55,6 +58,7 @@ class Worker:
         shutdown_timeout: float,
         log: Any,
         reconnect_delays: Sequence[float] = RECONNECT_DELAYS,
+        session_task: SessionTask | None = None,
     ) -> None:
         self._connect = connect
         self.topology = topology
@@ -67,26 +71,41 @@ class Worker:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._status = "starting"  # consuming | starting | disconnected | ... (readiness)
         self._consumed = False  # whether the current session got as far as consuming
+        self._session_task = session_task
+        self._stop: asyncio.Event | None = None
+        self._broker_lost: str | None = None  # the error that ended the last session
+        self.reconnects = 0  # sessions that failed or ended on a broker error
 
     @property
     def consuming(self) -> bool:
         return self._status == "consuming"
 
+    @property
+    def in_flight(self) -> int:
+        """Deliveries being handled right now."""
+        return len(self._in_flight)
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, detail): ready while consuming; otherwise the reason, and the breaker's state."""
-        detail: dict[str, Any] = {"status": self._status, "circuit": self._breaker.state.value}
-        if not self.consuming:
-            detail["reason"] = self._status
-        return self.consuming, detail
+        stopping = self._stop is not None and self._stop.is_set()
+        status = "shutting_down" if stopping else self._status  # from the signal on, not later
+        detail: dict[str, Any] = {"status": status, "circuit": self._breaker.state.value}
+        if status != "consuming":
+            detail["reason"] = status
+        if status == "disconnected" and self._broker_lost is not None:
+            detail["detail"] = self._broker_lost
+        return status == "consuming", detail
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, reconnecting with backoff whenever the broker is lost."""
         failures = 0  # in a row: a session that got as far as consuming starts the count anew
+        self._stop = stop
         while not stop.is_set():
             try:
                 await self._session(stop)
             except BrokerError as exc:
-                self._status = "disconnected"
+                self._status, self._broker_lost = "disconnected", str(exc)
+                self.reconnects += 1
                 failures = 1 if self._consumed else failures + 1
                 delay = self._reconnect_delays[min(failures, len(self._reconnect_delays)) - 1]
                 self._log.warning("broker unavailable", error=str(exc), retry_in_s=delay)
@@ -97,9 +116,13 @@ class Worker:
     async def _session(self, stop: asyncio.Event) -> None:
         self._consumed = False
         connection = await self._connect()
+        watcher: asyncio.Task[None] | None = None
         try:
             channel = await open_channel(connection, prefetch=self._concurrency)
             queue = await declare(channel, self.topology)
+            self._broker_lost = None
+            if self._session_task is not None:
+                watcher = asyncio.create_task(self._session_task(connection))
             handler = self._tracked(self._make_handler(channel))
             await self._consume_until_stopped(queue, handler, channel, stop)
             self._status = "shutting_down"
@@ -107,6 +130,9 @@ class Worker:
         finally:
             if self._status != "shutting_down":
                 self._status = "disconnected"
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.wait({watcher})
             await self._abandon_in_flight()
             with contextlib.suppress(Exception):
                 await connection.close()

@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aio_pika.abc import AbstractConnection
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from consumer.retry import RetryPolicy
-from tests.conftest import AMQP_URL, wait_until
+from consumer.topology import Topology
+from tests.conftest import AMQP_URL, delete_topology, get_json, scrape, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("IMAGE_CACHE", "/var/cache/vercel-event-consumer"))
@@ -232,9 +234,9 @@ def test_the_run_harness_really_makes_the_root_read_only(image: Image, tmp_path:
 
 
 async def test_worker_runs_on_a_read_only_root_as_its_non_root_user(
-    image: Image, names: dict[str, str], amqp: AbstractConnection, tmp_path: Path
+    image: Image, names: dict[str, str], amqp: AbstractConnection, tmp_path: Path, free_port: int
 ) -> None:
-    """The image's entrypoint and command consume from the broker without writing to its root."""
+    """The image's entrypoint and command consume and answer the probes, on a read-only root."""
     log = tmp_path / "worker.log"
     env = {
         "CONSUMER_AMQP_URL": AMQP_URL,
@@ -242,7 +244,7 @@ async def test_worker_runs_on_a_read_only_root_as_its_non_root_user(
         "CONSUMER_QUEUE": names["queue"],
         "CONSUMER_RETRY_DELAYS": "1",
         "CONSUMER_VERCEL_TOKEN": "tok_image_test",
-        "CONSUMER_HEALTH_PORT": "0",
+        "CONSUMER_HEALTH_PORT": str(free_port),
     }
     command = image.config["Entrypoint"] + image.config["Cmd"]
     worker = run_as_kubernetes_would(image, command, env, log)
@@ -250,13 +252,18 @@ async def test_worker_runs_on_a_read_only_root_as_its_non_root_user(
         await wait_until(lambda: b'"consuming"' in log.read_bytes() or worker.poll() is not None)
         assert worker.poll() is None, log.read_text()
         assert process_uid(worker.pid) == image.config["User"].split(":")[0]
+        health = f"http://127.0.0.1:{free_port}"
+        await wait_until(lambda: readyz_is(health, 200))
+        assert await get_json(f"{health}/livez") == (200, {"alive": True})
+        assert any(name.startswith("vercel_consumer_") for name, _ in await scrape(health))
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=60) == 0, log.read_text()
     finally:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
-        await delete_topology(amqp, names)
+        topology = Topology(names["exchange"], names["queue"], RetryPolicy((1,), 1).tiers_ms)
+        await delete_topology(amqp, names, [topology])
     assert "Read-only file system" not in log.read_text()
 
 
@@ -268,11 +275,8 @@ def process_uid(pid: int) -> str:
     return found.group(1)
 
 
-async def delete_topology(amqp: AbstractConnection, names: dict[str, str]) -> None:
-    channel = await amqp.channel()
-    queue = names["queue"]
-    retry_queues = [f"{queue}.retry.{ms}ms" for ms in RetryPolicy((1,), 1).tiers_ms]
-    for name in [queue, f"{queue}.dlq", *retry_queues]:
-        await channel.queue_delete(name)
-    await channel.exchange_delete(names["exchange"])
-    await channel.close()
+async def readyz_is(base_url: str, status: int) -> bool:
+    try:
+        return (await get_json(f"{base_url}/readyz"))[0] == status
+    except aiohttp.ClientConnectionError:  # not listening yet
+        return False

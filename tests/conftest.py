@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,15 @@ def private_broker() -> Iterator[PrivateBroker]:
     yield broker
     if not was_running:
         broker.stop()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (the health endpoint's, say)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 @pytest.fixture

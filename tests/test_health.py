@@ -194,14 +194,6 @@ async def test_readyz_follows_the_broker_going_away_and_coming_back(
 # -- the health endpoint of `vercel-consumer run` ------------------------------------------------
 
 
-@pytest.fixture
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def _run_env(names: dict[str, str], port: int) -> dict[str, str]:
     return {
         **os.environ,

@@ -6,8 +6,10 @@ as a header), add our headers, and publish with confirms and mandatory routing t
 default exchange. Only when the broker has confirmed may the caller ack the original.
 
 Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
-`original-routing-key`, `last-error` (retries) and `dead-letter-reason`, `dead-letter-detail`,
-`dead-letter-http-status`, `dead-lettered-at` (dead letters).
+`original-routing-key`, `last-error` (retries), `dead-letter-reason`, `dead-letter-detail`,
+`dead-letter-http-status`, `dead-lettered-at` (dead letters) and `replay-count`, `replayed-at`
+(set by `vercel-consumer dlq replay`, see consumer/dlq.py). The broker's `x-delivery-count` is
+dropped from copies: it counts deliveries of the original, and a copy starts afresh.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ REASON = "dead-letter-reason"
 DETAIL = "dead-letter-detail"
 HTTP_STATUS = "dead-letter-http-status"
 DEAD_LETTERED_AT = "dead-lettered-at"
+REPLAY_COUNT = "replay-count"
+REPLAYED_AT = "replayed-at"
 MAX_DETAIL_BYTES = 1024
+# Set by quorum queues: how often the broker delivered this copy before without an ack. Ours
+# only for reading; never carried over to a copy, which is a new message.
+DELIVERY_COUNT = "x-delivery-count"
 
 
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
@@ -41,6 +48,28 @@ def attempts_made(headers: Mapping[str, Any] | None) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000:
         return value
     return 0
+
+
+def redeliveries(headers: Mapping[str, Any] | None) -> int:
+    """How often the broker delivered this copy before without an outcome (0 the first time)."""
+    value = (headers or {}).get(DELIVERY_COUNT)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def retry_age(headers: Mapping[str, Any] | None, now: datetime) -> float:
+    """Seconds since the message's first attempt; 0 when this is it (or the stamp is bad)."""
+    stamp = (headers or {}).get(FIRST_ATTEMPT_AT)
+    if isinstance(stamp, bytes):
+        stamp = stamp.decode("utf-8", errors="replace")
+    if not isinstance(stamp, str):
+        return 0.0
+    try:
+        first = datetime.fromisoformat(stamp)
+    except ValueError:
+        return 0.0
+    if first.tzinfo is None:
+        first = first.replace(tzinfo=UTC)
+    return max(0.0, (now - first).total_seconds())
 
 
 def truncate_utf8(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
@@ -87,6 +116,7 @@ class Republisher:
 
     def _carried_headers(self, message: AbstractIncomingMessage, attempts: int) -> HeadersType:
         headers: HeadersType = dict(message.headers or {})
+        headers.pop(DELIVERY_COUNT, None)
         headers.setdefault(ORIGINAL_EXCHANGE, message.exchange or "")
         headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
         headers.setdefault(FIRST_ATTEMPT_AT, rfc3339(self._clock()))
@@ -98,19 +128,26 @@ class Republisher:
     async def _publish(
         self, message: AbstractIncomingMessage, headers: HeadersType, queue: str
     ) -> None:
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=message.priority,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
+        copy = copy_message(message, headers)
         with broker_errors(f"publishing to {queue}"):
             await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+
+
+def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
+    """A persistent copy of `message`: the same body and properties with other `headers`, and
+    neither `expiration` (it would let the copy vanish) nor `user_id` (the broker checks it
+    against our login; callers keep it as the `original-user-id` header)."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )

@@ -1,32 +1,36 @@
 """The Vercel API client: sends one Create Event request and maps every answer to our types.
 
-2xx → `Delivered`; 408, 425, 429, 5xx, network errors, timeouts and answers that are not HTTP
-→ `VercelUnavailable` (with `Retry-After` parsed); any other status → `VercelRejected`.
-aiohttp's exceptions stop here. `CONSUMER_HTTP_TIMEOUT` bounds the whole call.
+2xx → `Delivered`; 429 → `VercelThrottled`; 408, 425, 5xx, network errors, timeouts and answers
+that are not HTTP → `VercelUnavailable` (with `Retry-After` parsed); any other status →
+`VercelRejected`. The installation's quota (`X-RateLimit-*`) rides along on `Delivered` and
+`VercelThrottled`. aiohttp's exceptions stop here. `CONSUMER_HTTP_TIMEOUT` bounds the whole
+call.
 
 The client is built once and shared: one aiohttp session whose pool is sized to the worker's
 concurrency and keeps connections alive between events. Plain aiohttp, because the HTTP client
 is most of the relay's CPU: per request it costs about 0.09 ms of CPU where httpx on aiohttp's
-pool (httpx-aiohttp) costs 0.23 ms and httpx on its own pool 1–2.7 ms (bench/README.md).
+pool (httpx-aiohttp) costs 0.23 ms and httpx on its own pool 1 to 2.7 ms (bench/README.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from consumer import __version__
-from consumer.errors import VercelRejected, VercelUnavailable
+from consumer.errors import VercelRejected, VercelThrottled, VercelUnavailable
+from consumer.ratelimit import Quota, parse_quota
 from consumer.retry import parse_retry_after
 from consumer.translate import VercelRequest
 
 USER_AGENT = f"vercel-event-consumer/{__version__}"
-RETRYABLE_STATUSES = frozenset({408, 425, 429})
+RETRYABLE_STATUSES = frozenset({408, 425})
+THROTTLED = 429
 _MAX_BODY_READ = 2048  # bytes of an answer read: an error's go into the dead letter's detail
 
 
@@ -36,6 +40,7 @@ class Delivered:
 
     status: int
     vercel_id: str | None
+    quota: Quota | None = None
 
 
 class VercelClient:
@@ -47,18 +52,24 @@ class VercelClient:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None  # made in the running event loop
 
-    async def send(self, request: VercelRequest, token: str) -> Delivered:
-        """Deliver one event; raise VercelRejected or VercelUnavailable when it was not."""
+    async def send(
+        self, request: VercelRequest, token: str, extra_headers: Mapping[str, str] | None = None
+    ) -> Delivered:
+        """Deliver one event; raise VercelRejected, VercelThrottled or VercelUnavailable when it
+        was not. `extra_headers` (such as `traceparent`) are sent along."""
         # The path is already percent-encoded (translate.events_path): sent exactly as it is.
         url = URL(self._api_url + request.path, encoded=True)
         headers = {"Authorization": f"Bearer {token}"}
+        if extra_headers:
+            headers = {**extra_headers, **headers}
         try:
             async with self._open().post(url, data=request.body, headers=headers) as response:
                 # Read the body (empty on success) so the connection goes back to the pool.
                 # Bounded: a runaway body only costs that connection, which is then closed.
                 body = await _read_at_most(response.content, _MAX_BODY_READ)
                 if 200 <= response.status < 300:
-                    return Delivered(response.status, response.headers.get("x-vercel-id"))
+                    vercel_id = response.headers.get("x-vercel-id")
+                    return Delivered(response.status, vercel_id, parse_quota(response.headers))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_failure(exc) from None
         raise _failure(response.status, response.headers, body)
@@ -87,16 +98,32 @@ async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
 
 
 def _failure(
-    status: int, headers: CIMultiDictProxy[str], body: bytes
-) -> VercelRejected | VercelUnavailable:
+    status: int, headers: Mapping[str, str], body: bytes
+) -> VercelRejected | VercelThrottled | VercelUnavailable:
     vercel_id = headers.get("x-vercel-id")
     detail = f"HTTP {status} from Vercel: {_error_summary(body)}"
+    if status == THROTTLED:
+        return _throttled(headers, detail)
     if status in RETRYABLE_STATUSES or status >= 500 or status < 400:
         retry_after = parse_retry_after(headers.get("retry-after"))
         return VercelUnavailable(
             detail, status=status, vercel_id=vercel_id, retry_after=retry_after
         )
     return VercelRejected(detail, status=status, vercel_id=vercel_id)
+
+
+def _throttled(headers: Mapping[str, str], detail: str) -> VercelThrottled:
+    """A 429: wait for Retry-After, or else until the quota resets."""
+    quota = parse_quota(headers)
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    if retry_after is None and quota is not None:
+        retry_after = quota.reset_in
+    return VercelThrottled(
+        detail,
+        status=THROTTLED,
+        vercel_id=headers.get("x-vercel-id"),
+        retry_after=retry_after,
+    )
 
 
 def _error_summary(body: bytes) -> str:

@@ -57,7 +57,14 @@ def broker_errors(action: str) -> Iterator[None]:
     """Re-raise anything the AMQP stack throws while doing `action` as a BrokerError."""
     try:
         yield
-    except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, OSError) as exc:
+    except (
+        aiormq.exceptions.AMQPError,
+        aio_pika.exceptions.AMQPException,
+        OSError,
+        # aio-pika and aiormq say "this channel or connection is already closed" with
+        # RuntimeError (ChannelInvalidStateError among them) when it closed between two calls.
+        RuntimeError,
+    ) as exc:
         raise BrokerError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
     except TimeoutError as exc:
         raise BrokerError(f"{action} timed out") from exc

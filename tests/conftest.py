@@ -33,8 +33,12 @@ from consumer.topology import Topology
 from consumer.vercel import VercelClient
 from consumer.worker import Worker
 from tests.brokers import PrivateBroker
+from tests.chaos import REPORTS
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# Port of the private node that fault tests break. Developers running test sessions side by side
+# on one machine give each session its own (the node is stopped when a session ends).
+PRIVATE_BROKER_PORT = int(os.environ.get("TEST_PRIVATE_BROKER_PORT", "5673"))
 TOKENS = {"icfg_alpha": "tok_alpha_s3cr3t", "icfg_beta": "tok_beta_s3cr3t"}
 
 
@@ -68,6 +72,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print each chaos scenario's numbers (published, delivered, lost, ...) after the run."""
+    if REPORTS:
+        terminalreporter.section("chaos scenarios")
+        for report in REPORTS:
+            terminalreporter.write_line(report.line())
+
+
 @pytest.fixture
 async def amqp() -> AsyncIterator[AbstractConnection]:
     try:
@@ -86,7 +98,7 @@ async def channel(amqp: AbstractConnection) -> AbstractChannel:
 @pytest.fixture(scope="session")
 def private_broker() -> Iterator[PrivateBroker]:
     """A RabbitMQ node of its own, for tests that stop, restart or cut off the broker."""
-    broker = PrivateBroker()
+    broker = PrivateBroker(port=PRIVATE_BROKER_PORT)
     broker.start()
     yield broker
     broker.stop()

@@ -8,6 +8,12 @@ default exchange. Only when the broker has confirmed may the caller ack the orig
 Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
 `original-routing-key`, `last-error` (retries) and `dead-letter-reason`, `dead-letter-detail`,
 `dead-letter-http-status`, `dead-lettered-at` (dead letters).
+
+A copy must be publishable whatever the original carried, or the message could never leave the
+work queue: header strings that were not UTF-8 (pamqp hands them over as bytes, which it cannot
+send) become byte arrays, and headers that would not fit in one AMQP frame next to ours (the
+broker closes the whole connection over an oversized frame) are dropped, largest first, and
+named in `dropped-headers`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import pamqp.encode
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
 
 from consumer.retry import DeadLetter, Retry
@@ -32,7 +39,15 @@ REASON = "dead-letter-reason"
 DETAIL = "dead-letter-detail"
 HTTP_STATUS = "dead-letter-http-status"
 DEAD_LETTERED_AT = "dead-lettered-at"
+DROPPED_HEADERS = "dropped-headers"
 MAX_DETAIL_BYTES = 1024
+# Never dropped to make room: what this copy is about, each of bounded size.
+VERDICT_HEADERS = frozenset({ATTEMPTS, LAST_ERROR, REASON, DETAIL, HTTP_STATUS, DEAD_LETTERED_AT})
+# RabbitMQ's default frame_max; all properties travel in one frame, and a publisher's message
+# with larger headers was refused already. The reserve covers the other properties (at most
+# 8 short strings of 255 bytes) and the frame's own fields.
+FRAME_MAX = 131_072
+HEADERS_LIMIT = FRAME_MAX - 4096
 
 
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
@@ -49,6 +64,45 @@ def truncate_utf8(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
     if len(data) <= limit:
         return text
     return data[: limit - 3].decode("utf-8", errors="ignore") + "..."
+
+
+def publishable_headers(headers: HeadersType, limit: int = HEADERS_LIMIT) -> HeadersType:
+    """`headers` as AMQP can encode them again, within `limit` encoded bytes.
+
+    Byte strings (header strings that were not UTF-8) become byte arrays, the same bytes. A
+    header that still cannot be encoded, then the largest ones until the rest fits, are dropped
+    (never one of VERDICT_HEADERS) and named in `dropped-headers`.
+    """
+    fixed = {name: _encodable(value) for name, value in headers.items()}
+    sizes: dict[str, int] = {}
+    dropped = []
+    for name, value in fixed.items():
+        try:
+            sizes[name] = len(pamqp.encode.field_table({name: value}))
+        except (TypeError, ValueError):
+            dropped.append(name)
+    total = sum(sizes.values()) + 64  # room for the dropped-headers header itself
+    for name in sorted(sizes, key=sizes.__getitem__, reverse=True):
+        if total <= limit:
+            break
+        if name not in VERDICT_HEADERS:
+            dropped.append(name)
+            total -= sizes[name]
+    if not dropped:
+        return fixed
+    kept: HeadersType = {k: v for k, v in fixed.items() if k not in dropped}
+    kept[DROPPED_HEADERS] = truncate_utf8(",".join(dropped))
+    return kept
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, list):
+        return [_encodable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _encodable(item) for key, item in value.items()}
+    return value
 
 
 def rfc3339(moment: datetime) -> str:
@@ -112,5 +166,6 @@ class Republisher:
             type=message.type,
             app_id=message.app_id,
         )
+        copy.headers = publishable_headers(copy.headers)
         with broker_errors(f"publishing to {queue}"):
             await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)

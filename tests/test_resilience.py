@@ -4,15 +4,28 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from consumer.cli import build_worker
 from consumer.errors import BrokerError
+from consumer.settings import load_settings
+from consumer.sim import Fault, VercelSimulator
 from consumer.topology import Topology, broker_errors, connect, open_channel
+from consumer.vercel import VercelClient
 from consumer.worker import Worker
+from tests.brokers import PrivateBroker
+from tests.chaos import CHAOS_TOKENS, Scenario, TcpProxy
 from tests.conftest import AMQP_URL, wait_until
 
 
@@ -91,3 +104,124 @@ async def test_worker_outlives_a_connection_that_closes_before_its_channel_opens
         stop.set()
         await asyncio.wait_for(task, 10)
         await _delete(names, (100,))
+
+
+def broker_heartbeats() -> dict[str, int]:
+    """Heartbeat timeout (s) of each named client connection, as the shared broker sees it."""
+    listing = subprocess.run(
+        ["rabbitmqctl", "-s", "list_connections", "client_properties", "timeout"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    found = {}
+    for line in listing.splitlines():
+        name = re.search(r'\{"connection_name","([^"]+)"\}', line)
+        if name:
+            found[name.group(1)] = int(line.rsplit("\t", 1)[1])
+    return found
+
+
+@pytest.mark.parametrize(("query", "expected"), [("", 10), ("?heartbeat=30", 30)])
+async def test_connections_ask_for_heartbeats_every_ten_seconds(query: str, expected: int) -> None:
+    """The worker's connections heartbeat every 10 s (aiormq's default, 60 s, let a silent
+    partition go unnoticed for three minutes); `?heartbeat=` in the URL still decides."""
+    name = f"heartbeat-check-{uuid.uuid4().hex[:8]}"
+    connection = await connect(AMQP_URL.rstrip("/") + "/" + query, name=name)
+    try:
+        assert (await asyncio.to_thread(broker_heartbeats))[name] == expected
+    finally:
+        await connection.close()
+
+
+async def test_silent_partition_is_noticed_and_survived(
+    private_broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """A partition that drops every byte but closes nothing (like iptables DROP) is noticed by
+    the missing heartbeats: the worker reports the broker unavailable, reconnects once the
+    network is back, and loses nothing that was in flight."""
+    async with (
+        VercelSimulator(CHAOS_TOKENS, latency=0.05) as sim,
+        Scenario(private_broker.url, sim, tmp_path, concurrency=8) as scenario,
+        TcpProxy.for_url(private_broker.url) as proxy,
+    ):
+        await scenario.publish(400)
+        worker = scenario.worker(amqp_url=proxy.url(private_broker.url) + "?heartbeat=2")
+        worker.start()
+        await worker.wait_consuming()
+        await wait_until(lambda: len(sim.accepted) >= 50, timeout=30)
+        proxy.blackhole(True)
+        cut = time.monotonic()
+        await worker.wait_for("broker unavailable", timeout=60)
+        noticed = time.monotonic() - cut
+        proxy.blackhole(False)
+        await worker.wait_consuming(sessions=2, timeout=60)
+        report = await scenario.finish("silent partition (heartbeat 2 s)")
+    print(f"partition noticed after {noticed:.1f} s")
+    assert report.delivered == 400
+
+
+async def test_second_signal_exits_at_once_without_acking(
+    private_broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """SIGTERM starts a drain; a second SIGTERM ends the process at once (status 128 + 15),
+    and the deliveries still in flight were not acked: all of them are back in the queue."""
+    async with (
+        VercelSimulator(CHAOS_TOKENS) as sim,
+        Scenario(private_broker.url, sim, tmp_path, shutdown_timeout=60) as scenario,
+    ):
+        sim.add_fault(Fault(latency=30, times=5))
+        await scenario.publish(5)
+        worker = scenario.worker()
+        worker.start()
+        await wait_until(lambda: sim.in_flight == 5, timeout=30)
+        worker.send(signal.SIGTERM)
+        await worker.wait_for("draining", timeout=10)
+        worker.send(signal.SIGTERM)
+        assert await worker.wait_exit(10) == 128 + signal.SIGTERM
+        assert worker.count("second signal; exiting now") == 1
+        await wait_until(_queued_becomes(scenario, 5), timeout=20)
+        sim.clear_faults()
+        worker.start()
+        report = await scenario.finish("second signal")
+    assert report.delivered == 5
+
+
+def _queued_becomes(scenario: Scenario, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await scenario.queued() == count
+
+    return check
+
+
+async def test_not_ready_while_the_broker_is_down(
+    private_broker: PrivateBroker, tmp_path: Path, sim: VercelSimulator, tokens_dir: Path
+) -> None:
+    """While the broker is stopped the worker reports not consuming (readiness), keeps
+    retrying, and consumes again once the broker is back."""
+    suffix = uuid.uuid4().hex[:8]
+    settings = load_settings(
+        amqp_url=private_broker.url,
+        vercel_api_url=sim.url,
+        vercel_tokens_dir=tokens_dir,
+        exchange=f"chaos-ready-{suffix}",
+        queue=f"chaos-ready-{suffix}",
+    )
+    vercel = VercelClient(settings.vercel_api_url)
+    worker = build_worker(settings, vercel, ListLog())
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await wait_until(lambda: worker.consuming, timeout=20)
+        await asyncio.to_thread(private_broker.stop)
+        await wait_until(lambda: not worker.consuming, timeout=10)
+        await asyncio.sleep(1)
+        assert not worker.consuming
+        assert not task.done()
+        await asyncio.to_thread(private_broker.start)
+        await wait_until(lambda: worker.consuming, timeout=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await vercel.aclose()

@@ -262,6 +262,18 @@ class WorkerProcess:
     def count(self, name: str) -> int:
         return len(self.events(name))
 
+    def foreign_lines(self) -> list[str]:
+        """Log lines that are not JSON objects (the log promises one object per line)."""
+        foreign = []
+        for line in self.log_lines():
+            try:
+                parsed = orjson.loads(line)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                foreign.append(line)
+        return foreign
+
 
 # ── a TCP proxy with faults ──────────────────────────────────────────────────────────────────
 
@@ -547,13 +559,15 @@ class Scenario:
 
     async def finish(self, name: str, timeout: float = 120) -> ChaosReport:  # noqa: ASYNC109
         """Wait until everything is accounted for, stop the workers (SIGTERM, exit 0), count,
-        print, record and check (lost == 0)."""
+        print, record and check (lost == 0, and every log line of every worker is JSON)."""
         await self.wait_accounted(timeout)
         seconds = time.monotonic() - self.started
         for worker in self.workers:
             if worker.running:
                 assert await worker.stop() == 0, f"worker exit status {worker.returncode}"
         await self.collect_dead_letters()
+        for worker in self.workers:
+            assert worker.foreign_lines() == [], f"not JSON in {worker.log_path}"
         report = account(name, self.published, delivered_ids(self.sim), self.dead_letters, seconds)
         return report.check()
 

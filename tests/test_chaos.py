@@ -46,13 +46,17 @@ async def test_chaos_1_broker_restarted_twice_mid_stream(
 async def test_chaos_2_worker_killed_three_times(
     private_broker: PrivateBroker, tmp_path: Path
 ) -> None:
-    """The worker is `kill -9`ed mid-stream and restarted, three times: whatever it had not
-    acked is redelivered, so nothing is lost (duplicates are allowed and counted)."""
+    """The worker is `kill -9`ed mid-stream and restarted, three times, while it also publishes
+    retries (one installation answers 503 at first) and dead letters (invalid events): whatever
+    it had not acked is redelivered, a copy published but not acked is at most a duplicate, and
+    nothing is lost."""
     async with (
         VercelSimulator(CHAOS_TOKENS, latency=0.05) as sim,
         Scenario(private_broker.url, sim, tmp_path, concurrency=32) as scenario,
     ):
-        await scenario.publish(3000)
+        await scenario.publish(2900)
+        invalid = await scenario.publish_invalid(100)
+        sim.add_fault(Fault(status=503, installation="icfg_beta", times=600))
         worker = scenario.worker()
         worker.start()
         await worker.wait_consuming()
@@ -63,7 +67,8 @@ async def test_chaos_2_worker_killed_three_times(
             worker.start()
             await worker.wait_consuming()
         report = await scenario.finish("2: worker kill -9'd and restarted three times")
-    assert report.dead_lettered == {}
+    assert report.dead_lettered == {"invalid_message": len(invalid)}
+    assert sim.by_status["503"] == 600
 
 
 async def test_chaos_4_sigterm_during_slow_deliveries(

@@ -45,13 +45,12 @@ async def _ack(message: AbstractIncomingMessage) -> None:
     await message.ack()
 
 
-async def _delete(names: dict[str, str], tiers_ms: tuple[int, ...]) -> None:
-    topology = Topology(names["exchange"], names["queue"], tiers_ms)
-    async with await aio_pika.connect(AMQP_URL) as connection:
+async def _delete(topology: Topology, url: str = AMQP_URL) -> None:
+    async with await aio_pika.connect(url) as connection:
         channel = await connection.channel()
         for queue in (topology.queue, topology.dead_letter_queue):
             await channel.queue_delete(queue)
-        for delay_ms in tiers_ms:
+        for delay_ms in topology.retry_tiers_ms:
             await channel.queue_delete(topology.retry_queue(delay_ms))
         await channel.exchange_delete(topology.exchange)
 
@@ -86,9 +85,10 @@ async def test_worker_outlives_a_connection_that_closes_before_its_channel_opens
         return connection
 
     log = ListLog()
+    topology = Topology(names["exchange"], names["queue"], (100,))
     worker = Worker(
         connect=connect_closing_the_first,
-        topology=Topology(names["exchange"], names["queue"], (100,)),
+        topology=topology,
         make_handler=lambda channel: _ack,
         concurrency=1,
         shutdown_timeout=1,
@@ -103,7 +103,7 @@ async def test_worker_outlives_a_connection_that_closes_before_its_channel_opens
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
-        await _delete(names, (100,))
+        await _delete(topology)
 
 
 def broker_heartbeats() -> dict[str, int]:
@@ -225,3 +225,4 @@ async def test_not_ready_while_the_broker_is_down(
         stop.set()
         await asyncio.wait_for(task, 30)
         await vercel.aclose()
+        await _delete(worker.topology, private_broker.url)

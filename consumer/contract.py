@@ -58,13 +58,14 @@ class BillingEvent(_EventBase):
 
 
 Event = ResourceEvent | BillingEvent
+FAMILIES = ("resource", "billing")  # a type's first word; the verb after it is free-form
 
 
 def _type_family(value: Any) -> str | None:
     event_type = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
     if isinstance(event_type, str):
         family = event_type.partition(".")[0]
-        if family in ("resource", "billing"):
+        if family in FAMILIES:
             return family
     return None
 

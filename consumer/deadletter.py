@@ -6,8 +6,10 @@ as a header), add our headers, and publish with confirms and mandatory routing t
 default exchange. Only when the broker has confirmed may the caller ack the original.
 
 Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
-`original-routing-key`, `last-error` (retries) and `dead-letter-reason`, `dead-letter-detail`,
-`dead-letter-http-status`, `dead-lettered-at` (dead letters).
+`original-routing-key`, `last-error` (retries), `dead-letter-reason`, `dead-letter-detail`,
+`dead-letter-http-status`, `dead-lettered-at` (dead letters) and `replay-count`, `replayed-at`
+(set by `vercel-consumer dlq replay`, see consumer/dlq.py). The broker's `x-delivery-count` is
+dropped from copies: it counts deliveries of the original, and a copy starts afresh.
 
 A copy must be publishable whatever the original carried, or the message could never leave the
 work queue: header strings that were not UTF-8 (pamqp hands them over as bytes, which it cannot
@@ -39,10 +41,17 @@ REASON = "dead-letter-reason"
 DETAIL = "dead-letter-detail"
 HTTP_STATUS = "dead-letter-http-status"
 DEAD_LETTERED_AT = "dead-lettered-at"
-DROPPED_HEADERS = "dropped-headers"
+REPLAY_COUNT = "replay-count"
+REPLAYED_AT = "replayed-at"
 MAX_DETAIL_BYTES = 1024
+# Set by quorum queues: how often the broker delivered this copy before without an ack. Ours
+# only for reading; never carried over to a copy, which is a new message.
+DELIVERY_COUNT = "x-delivery-count"
+DROPPED_HEADERS = "dropped-headers"
 # Never dropped to make room: what this copy is about, each of bounded size.
-VERDICT_HEADERS = frozenset({ATTEMPTS, LAST_ERROR, REASON, DETAIL, HTTP_STATUS, DEAD_LETTERED_AT})
+VERDICT_HEADERS = frozenset(
+    {ATTEMPTS, LAST_ERROR, REASON, DETAIL, HTTP_STATUS, DEAD_LETTERED_AT, REPLAY_COUNT, REPLAYED_AT}
+)
 # RabbitMQ's default frame_max; all properties travel in one frame, and a publisher's message
 # with larger headers was refused already. The reserve covers the other properties (at most
 # 8 short strings of 255 bytes) and the frame's own fields.
@@ -56,6 +65,28 @@ def attempts_made(headers: Mapping[str, Any] | None) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000:
         return value
     return 0
+
+
+def redeliveries(headers: Mapping[str, Any] | None) -> int:
+    """How often the broker delivered this copy before without an outcome (0 the first time)."""
+    value = (headers or {}).get(DELIVERY_COUNT)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def retry_age(headers: Mapping[str, Any] | None, now: datetime) -> float:
+    """Seconds since the message's first attempt; 0 when this is it (or the stamp is bad)."""
+    stamp = (headers or {}).get(FIRST_ATTEMPT_AT)
+    if isinstance(stamp, bytes):
+        stamp = stamp.decode("utf-8", errors="replace")
+    if not isinstance(stamp, str):
+        return 0.0
+    try:
+        first = datetime.fromisoformat(stamp)
+    except ValueError:
+        return 0.0
+    if first.tzinfo is None:
+        first = first.replace(tzinfo=UTC)
+    return max(0.0, (now - first).total_seconds())
 
 
 def truncate_utf8(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
@@ -141,6 +172,7 @@ class Republisher:
 
     def _carried_headers(self, message: AbstractIncomingMessage, attempts: int) -> HeadersType:
         headers: HeadersType = dict(message.headers or {})
+        headers.pop(DELIVERY_COUNT, None)
         headers.setdefault(ORIGINAL_EXCHANGE, message.exchange or "")
         headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
         headers.setdefault(FIRST_ATTEMPT_AT, rfc3339(self._clock()))
@@ -152,20 +184,27 @@ class Republisher:
     async def _publish(
         self, message: AbstractIncomingMessage, headers: HeadersType, queue: str
     ) -> None:
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=message.priority,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
-        copy.headers = publishable_headers(copy.headers)
+        copy = copy_message(message, headers)
         with broker_errors(f"publishing to {queue}"):
             await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+
+
+def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
+    """A persistent copy of `message`: the same body and properties with other `headers` (made
+    publishable, see `publishable_headers`), and neither `expiration` (it would let the copy
+    vanish) nor `user_id` (the broker checks it against our login; callers keep it as the
+    `original-user-id` header)."""
+    return aio_pika.Message(
+        message.body,
+        headers=publishable_headers(headers),
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )

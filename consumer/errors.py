@@ -10,12 +10,19 @@ ConsumerError
 └── DeliveryError            one message could not be delivered; `reason` says what follows
     ├── ContractError        the message can never succeed → dead letter (invalid_message)
     ├── CredentialsError     no token for the installation → dead letter (no_credentials)
+    ├── RedeliveryLimit      the broker redelivered it too often: it may be what keeps killing
+    │                        the worker → dead letter unprocessed (redelivery_limit)
     └── VercelError(status)  Vercel said no, or could not be reached
         ├── VercelRejected       4xx that will not change on retry → dead letter
         │                        (rejected_by_vercel)
-        └── VercelUnavailable    408/425/429/5xx/network/timeout/garbage → retry, honouring
-                                 `retry_after`; once attempts run out → retries_exhausted
+        └── VercelUnavailable    408/425/5xx/network/timeout/garbage → retry, honouring
+            │                    `retry_after`; once attempts or age run out → retries_exhausted
+            └── VercelThrottled  429, or held back by our own limiter: the installation is over
+                                 its rate limit → wait `retry_after` without spending an attempt
 ```
+
+`counts_attempt` says whether a failure spends one of the message's `CONSUMER_MAX_ATTEMPTS`:
+waiting out a rate limit does not (its time still counts against `CONSUMER_MAX_RETRY_AGE`).
 
 Messages carry no secrets: tokens and broker passwords are never formatted into them.
 """
@@ -32,6 +39,7 @@ class Reason(enum.StrEnum):
     NO_CREDENTIALS = "no_credentials"
     REJECTED_BY_VERCEL = "rejected_by_vercel"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    REDELIVERY_LIMIT = "redelivery_limit"
 
 
 class ConsumerError(Exception):
@@ -51,6 +59,7 @@ class DeliveryError(ConsumerError):
     where the failure is transient and the message is to be retried."""
 
     reason: Reason | None = None
+    counts_attempt = True
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -67,6 +76,13 @@ class CredentialsError(DeliveryError):
     """No access token is configured for the message's installation."""
 
     reason = Reason.NO_CREDENTIALS
+
+
+class RedeliveryLimit(DeliveryError):
+    """The broker redelivered the message more often than allowed without an outcome: each
+    time the worker that held it died or lost its channel. Not processed again."""
+
+    reason = Reason.REDELIVERY_LIMIT
 
 
 class VercelError(DeliveryError):
@@ -100,3 +116,10 @@ class VercelUnavailable(VercelError):
     ) -> None:
         super().__init__(detail, status=status, vercel_id=vercel_id)
         self.retry_after = retry_after
+
+
+class VercelThrottled(VercelUnavailable):
+    """The installation is over its rate limit: Vercel answered 429, or our limiter holds the
+    request back until Vercel's quota resets. Waiting does not spend an attempt."""
+
+    counts_attempt = False

@@ -1,29 +1,54 @@
-"""One delivery, start to finish: parse → translate → token → send → ack | retry | dead letter.
+"""One delivery, start to finish: parse → translate → token → wait its turn → send → ack |
+retry | dead letter.
 
 The handler never lets an exception escape and never acks a message before its outcome is
 durable: after Vercel's 2xx, or after the broker confirmed the copy in a retry tier or the DLQ.
 When that copy cannot be published the message is left to the broker to deliver again.
-Everything it needs is built once and passed in; nothing is constructed per message.
+Each outcome and each call to Vercel is counted in `Metrics`; a valid W3C `traceparent` message
+header is forwarded to Vercel and its trace id logged. Everything it needs is built once and
+passed in; nothing is constructed per message.
+
+Before sending, a message waits for its installation's rate limit and the global one: a short
+wait is held in place, a longer one is deferred to a retry tier (without spending an attempt)
+so that it does not hold a consumer slot the other installations need. Every Vercel call is
+reported to the circuit breaker; while it is open, failures do not spend attempts either.
+A message the broker has redelivered more than `max_redeliveries` times is dead-lettered
+unprocessed: it may be what killed the workers that held it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.breaker import CircuitBreaker
 from consumer.contract import Event, parse_event
-from consumer.deadletter import Republisher, attempts_made
-from consumer.errors import BrokerError, DeliveryError, VercelError
+from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
+from consumer.errors import (
+    BrokerError,
+    DeliveryError,
+    RedeliveryLimit,
+    VercelError,
+    VercelRejected,
+    VercelThrottled,
+    VercelUnavailable,
+)
+from consumer.metrics import Metrics, retry_cause
+from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import DeadLetter, RetryPolicy
 from consumer.tokens import TokenStore
 from consumer.topology import broker_errors
-from consumer.translate import translate
-from consumer.vercel import VercelClient
+from consumer.tracing import HEADER as TRACEPARENT
+from consumer.tracing import parse_traceparent
+from consumer.translate import VercelRequest, translate
+from consumer.vercel import Delivered, VercelClient
 
 REPUBLISH_BACKOFF = 1.0  # seconds to wait before handing a message back after a failed publish
+HOLD_IN_PLACE = 1.0  # seconds: a shorter rate-limit wait is held in place, a longer one deferred
 
 
 class Handler:
@@ -36,15 +61,25 @@ class Handler:
         tokens: TokenStore,
         policy: RetryPolicy,
         republisher: Republisher,
+        breaker: CircuitBreaker,
+        limits: InstallationLimits,
+        rate: RequestRate,
         max_body_bytes: int,
+        max_redeliveries: int,
         log: Any,
+        metrics: Metrics,
     ) -> None:
         self._vercel = vercel
         self._tokens = tokens
         self._policy = policy
         self._republisher = republisher
+        self._breaker = breaker
+        self._limits = limits
+        self._rate = rate
         self._max_body_bytes = max_body_bytes
+        self._max_redeliveries = max_redeliveries
         self._log = log
+        self._metrics = metrics
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         attempts = attempts_made(message.headers) + 1
@@ -53,12 +88,14 @@ class Handler:
             "routing_key": message.routing_key,
             "attempt": attempts,
         }
+        trace_headers = self._trace_headers(message, fields)
         started = time.perf_counter()
         try:
+            self._check_redeliveries(message)
             event = parse_event(message.body, max_bytes=self._max_body_bytes)
             fields.update(_event_fields(event))
             token = self._tokens.token_for(event.installation_id)
-            delivered = await self._vercel.send(translate(event), token)
+            delivered = await self._send(event, token, trace_headers)
         except DeliveryError as error:
             fields.update(_error_fields(error, started))
             await self._reroute(message, error, attempts, fields)
@@ -70,7 +107,73 @@ class Handler:
         else:
             fields.update(status=delivered.status, vercel_id=delivered.vercel_id)
             fields["latency_ms"] = _elapsed_ms(started)
+            self._metrics.outcome("delivered", event.type)
             await self._settle(message, "delivered", fields)
+
+    def _trace_headers(
+        self, message: AbstractIncomingMessage, fields: dict[str, Any]
+    ) -> dict[str, str] | None:
+        """The message's W3C traceparent, to forward to Vercel; its trace id goes in the log."""
+        raw = message.headers.get(TRACEPARENT) if message.headers else None
+        if raw is None:
+            return None
+        trace = parse_traceparent(raw)
+        if trace is None:
+            self._log.debug(
+                "ignoring an invalid traceparent header", value=repr(raw)[:120], **fields
+            )
+            return None
+        fields["trace_id"] = trace.trace_id
+        return {TRACEPARENT: trace.value}
+
+    def _check_redeliveries(self, message: AbstractIncomingMessage) -> None:
+        count = redeliveries(message.headers)
+        if count > self._max_redeliveries:
+            raise RedeliveryLimit(
+                f"delivered {count + 1} times without an outcome (more than"
+                f" CONSUMER_MAX_REDELIVERIES={self._max_redeliveries} redeliveries); the workers"
+                " that held it may have died processing it, so it is not processed again"
+            )
+
+    async def _send(self, event: Event, token: str, headers: dict[str, str] | None) -> Delivered:
+        """Send once the installation's turn has come; tell the breaker and limiter the answer."""
+        installation = event.installation_id
+        await self._wait_turn(installation)
+        try:
+            delivered = await self._call_vercel(translate(event), token, headers)
+        except VercelThrottled as error:
+            self._limits.block(installation, error.retry_after or HOLD_IN_PLACE)
+            raise
+        except (VercelUnavailable, VercelRejected) as error:
+            # A 4xx comes from a Vercel that is up; only transient failures point to an outage.
+            self._breaker.record(installation, failed=isinstance(error, VercelUnavailable))
+            raise
+        self._breaker.record(installation, failed=False)
+        self._limits.observe(installation, delivered.quota)
+        return delivered
+
+    async def _call_vercel(
+        self, request: VercelRequest, token: str, headers: dict[str, str] | None
+    ) -> Delivered:
+        """One call to Vercel, timed by status class for the latency histogram."""
+        started = time.perf_counter()
+        try:
+            delivered = await self._vercel.send(request, token, headers)
+        except VercelError as error:
+            self._metrics.vercel_request(error.status, time.perf_counter() - started)
+            raise
+        self._metrics.vercel_request(delivered.status, time.perf_counter() - started)
+        return delivered
+
+    async def _wait_turn(self, installation: str) -> None:
+        while (wait := self._limits.wait_for(installation)) > 0:
+            if wait > HOLD_IN_PLACE:
+                raise VercelThrottled(
+                    f"held back: installation over its Vercel rate limit for {wait:.1f} s more",
+                    retry_after=wait,
+                )
+            await asyncio.sleep(wait)
+        await self._rate.acquire()
 
     async def _reroute(
         self,
@@ -79,19 +182,23 @@ class Handler:
         attempts: int,
         fields: dict[str, Any],
     ) -> None:
-        decision = self._policy.decide(error, attempts)
+        age = retry_age(message.headers, datetime.now(UTC))
+        decision = self._policy.decide(error, attempts, age=age, counted=not self._breaker.is_open)
         try:
             if isinstance(decision, DeadLetter):
                 await self._republisher.dead_letter(message, decision)
                 fields.update(reason=decision.reason.value, detail=decision.detail)
-                outcome = "dead_lettered"
+                outcome, reason = "dead_lettered", decision.reason.value
             else:
                 await self._republisher.retry(message, decision, error.detail)
                 fields.update(retry_in_ms=decision.delay_ms, detail=error.detail)
-                outcome = "retried"
+                # Deferred: waits without spending an attempt (rate limit, open circuit).
+                outcome = "retried" if decision.attempts == attempts else "deferred"
+                reason = retry_cause(error)
         except Exception as exc:  # noqa: BLE001 - BrokerError, or a header that will not encode
             await self._hand_back(message, exc, fields)
             return
+        self._metrics.outcome(outcome, fields.get("type"), reason)
         await self._settle(message, outcome, fields)
 
     async def _settle(
@@ -111,6 +218,7 @@ class Handler:
         self, message: AbstractIncomingMessage, exc: Exception, fields: dict[str, Any]
     ) -> None:
         """The copy was not confirmed: give the message back to the broker, unacked."""
+        self._metrics.outcome("returned", fields.get("type"))
         self._log.error(
             "could not republish; returning message to the queue",
             error=f"{type(exc).__name__}: {exc}",

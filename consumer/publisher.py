@@ -45,19 +45,33 @@ class EventPublisher:
             )
         return cls(connection, declared)
 
-    async def publish(self, event: Mapping[str, Any], *, validate: bool = True) -> None:
-        """Publish one event; ContractError if it breaks the contract (and `validate`)."""
+    async def publish(
+        self,
+        event: Mapping[str, Any],
+        *,
+        validate: bool = True,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish one event; ContractError if it breaks the contract (and `validate`).
+        `headers` go on the message as they are, e.g. a W3C `traceparent`."""
         body = orjson.dumps(dict(event))
         if validate:
             parse_event(body, max_bytes=len(body))
-        await self.publish_raw(
-            body, event_id=str(event.get("id")), event_type=str(event.get("type"))
-        )
+        event_id, event_type = str(event.get("id")), str(event.get("type"))
+        await self.publish_raw(body, event_id=event_id, event_type=event_type, headers=headers)
 
-    async def publish_raw(self, body: bytes, *, event_id: str, event_type: str) -> None:
+    async def publish_raw(
+        self,
+        body: bytes,
+        *,
+        event_id: str,
+        event_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish a body as it is, routed by `event_type` (tests and demos of bad input)."""
         message = aio_pika.Message(
             body,
+            headers=dict(headers) if headers else None,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=event_id,

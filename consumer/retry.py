@@ -6,6 +6,10 @@ the ladder itself: each configured delay is offered at several spreads (±20 % b
 each retry picks one at random, so a burst that failed together does not return together.
 `Retry-After` from Vercel is a floor: the chosen tier is the shortest one at least that long
 (or the longest tier, when Vercel asks for more than any tier holds).
+
+A message's retry budget is spent by count (`max_attempts`) and by time (`max_age`, from its
+first attempt). Some failures do not spend an attempt (waiting out a rate limit, or failing
+while Vercel is down for everyone and the circuit is open); they still age the message.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class RetryPolicy:
         delays: Sequence[float],
         max_attempts: int,
         *,
+        max_age: float = 86_400.0,
         jitter: Sequence[float] = JITTER_FACTORS,
         rng: random.Random | None = None,
     ) -> None:
@@ -59,20 +64,33 @@ class RetryPolicy:
         self._delays = tuple(delays)
         self._jitter = tuple(jitter)
         self._max_attempts = max_attempts
+        self._max_age = max_age
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.tiers_ms = tuple(
             sorted({round(delay * factor * 1000) for delay in delays for factor in jitter})
         )
 
-    def decide(self, error: DeliveryError, attempts: int) -> Decision:
-        """`attempts` counts every attempt made, the one that just failed included."""
+    def decide(
+        self, error: DeliveryError, attempts: int, *, age: float = 0.0, counted: bool = True
+    ) -> Decision:
+        """What follows a failure. `attempts` counts every attempt made, the one that just
+        failed included; `age` is seconds since the first; `counted=False` (or an error that
+        does not count) keeps this one from spending the budget of attempts."""
         status = error.status if isinstance(error, VercelError) else None
         if error.reason is not None:
             return DeadLetter(error.reason, error.detail, status, attempts)
+        if age >= self._max_age:
+            detail = (
+                f"gave up after {age:.0f} s (max retry age {self._max_age:.0f} s) and"
+                f" {attempts} attempts; last error: {error.detail}"
+            )
+            return DeadLetter(Reason.RETRIES_EXHAUSTED, detail, status, attempts)
+        retry_after = getattr(error, "retry_after", None)
+        if not (counted and error.counts_attempt):
+            return Retry(self.delay_for(1, retry_after), attempts - 1)
         if attempts >= self._max_attempts:
             detail = f"gave up after {attempts} attempts; last error: {error.detail}"
             return DeadLetter(Reason.RETRIES_EXHAUSTED, detail, status, attempts)
-        retry_after = getattr(error, "retry_after", None)
         return Retry(self.delay_for(attempts, retry_after), attempts)
 
     def delay_for(self, attempts: int, retry_after: float | None = None) -> int:

@@ -36,8 +36,17 @@ class Settings(BaseSettings):
     max_attempts: int = Field(8, ge=1, le=1000)
     max_body_bytes: int = Field(256 * 1024, ge=1024, le=128 * 1024 * 1024)
     shutdown_timeout: float = Field(25.0, ge=0, le=3600)
+    max_retry_age: float = Field(86_400.0, gt=0, le=30 * 86_400)
+    max_redeliveries: int = Field(10, ge=1, le=1000)
+    breaker_failure_ratio: float = Field(0.8, gt=0, le=1)
+    breaker_window: int = Field(50, ge=4, le=10_000)
+    breaker_probe_delays: Annotated[tuple[float, ...], NoDecode] = (1, 2, 5, 10, 30)
+    max_rps: float = Field(0.0, ge=0, le=1_000_000)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    health_port: int = Field(8080, ge=0, le=65535)
+    health_host: str = Field("0.0.0.0", min_length=1)  # noqa: S104 - probes come from outside the pod
+    queue_depth_interval: float = Field(15.0, ge=0, le=3600)
 
     @field_validator("vercel_token", "vercel_tokens_dir", mode="before")
     @classmethod
@@ -45,14 +54,14 @@ class Settings(BaseSettings):
         # An empty variable (a Helm value left blank) means "not set", not "" or the cwd.
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("retry_delays", mode="before")
+    @field_validator("retry_delays", "breaker_probe_delays", mode="before")
     @classmethod
     def _split_delays(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("retry_delays")
+    @field_validator("retry_delays", "breaker_probe_delays")
     @classmethod
     def _check_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if not value:

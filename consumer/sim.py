@@ -8,6 +8,10 @@ and answered 201 with no body. Every answer carries an `x-vercel-id` header. Tok
 mapping (installation id -> token) and/or a directory with one file per installation, named by
 its id and holding its token, read afresh on every request so that a rotation applies at once.
 
+A rate limit per installation (`set_rate_limit`) works like Vercel's: a fixed window of N
+requests, `X-RateLimit-Limit/-Remaining/-Reset` (epoch seconds) on every answer for it, and
+429 with `Retry-After` beyond it (counted in `by_status["429"]`).
+
 Faults (`Fault`) turn it into a misbehaving Vercel: a status with an optional Retry-After, added
 latency, a dropped connection, or bytes that are not HTTP, for one installation or all, a
 number of times or until cleared.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
 from collections import Counter
@@ -123,10 +128,36 @@ class _ActiveFault:
 class _Reject(Exception):
     """A request answered with a Vercel error; raised by the checks, caught by the handler."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class _RateWindow:
+    """A fixed window of `limit` requests every `seconds` for one installation."""
+
+    limit: int
+    seconds: float
+    reset_at: float = 0.0  # epoch seconds
+    used: int = 0
+
+    def take(self, now: float) -> dict[str, str]:
+        """Count one request; the headers to answer with; _Reject(429) beyond the limit."""
+        if now >= self.reset_at:
+            self.reset_at, self.used = now + self.seconds, 0
+        self.used += 1
+        headers = {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(max(0, self.limit - self.used)),
+            "X-RateLimit-Reset": str(math.ceil(self.reset_at)),
+        }
+        if self.used <= self.limit:
+            return headers
+        headers["Retry-After"] = str(max(1, math.ceil(self.reset_at - now)))
+        raise _Reject(429, "rate limit exceeded", headers)
 
 
 class VercelSimulator:
@@ -156,6 +187,7 @@ class VercelSimulator:
         self.max_in_flight = 0  # the most requests ever open at once: shows client concurrency
         self.client_ports: set[int] = set()  # one per TCP connection: shows connection reuse
         self.by_status: Counter[str] = Counter()
+        self._rate_windows: dict[str, _RateWindow] = {}
 
     # -- control -----------------------------------------------------------------------------
 
@@ -176,6 +208,10 @@ class VercelSimulator:
         self.client_ports.clear()
         self.by_status.clear()
         self.clear_faults()
+
+    def set_rate_limit(self, installation_id: str, limit: int, seconds: float = 1.0) -> None:
+        """Allow `installation_id` `limit` requests per fixed window of `seconds`."""
+        self._rate_windows[installation_id] = _RateWindow(limit, seconds)
 
     def set_token(self, installation_id: str, token: str) -> None:
         """Adds an installation, or replaces its token."""
@@ -276,17 +312,21 @@ class VercelSimulator:
             answer = await self._apply_fault(request, fault, arrived_at)
             if answer is not None:
                 return answer
-        vercel_id = self._new_vercel_id()
+        headers = {"x-vercel-id": self._new_vercel_id()}
         try:
             self._authorize(request, installation_id)
+            if installation_id in self._rate_windows:
+                headers.update(self._rate_windows[installation_id].take(time.time()))
             event = await _read_event(request)
         except _Reject as reject:
-            return self._error(reject.status, reject.message, vercel_id)
-        headers = _safe_headers(request)
-        accepted = Accepted(installation_id, event, time.time(), vercel_id, headers, arrived_at)
-        self.accepted.append(accepted)
+            self.by_status[str(reject.status)] += 1
+            return _error_response(reject.status, reject.message, {**headers, **reject.headers})
+        vercel_id, request_headers = headers["x-vercel-id"], _safe_headers(request)
+        self.accepted.append(
+            Accepted(installation_id, event, time.time(), vercel_id, request_headers, arrived_at)
+        )
         self.by_status["201"] += 1
-        return web.Response(status=201, headers={"x-vercel-id": vercel_id})
+        return web.Response(status=201, headers=headers)
 
     def _take_fault(self, installation_id: str) -> Fault | None:
         for active in self._faults:
@@ -353,10 +393,6 @@ class VercelSimulator:
     def _new_vercel_id(self) -> str:
         self._next_id += 1
         return f"sim1::{self._id_prefix}-{self._next_id:06x}"
-
-    def _error(self, status: int, message: str, vercel_id: str) -> web.Response:
-        self.by_status[str(status)] += 1
-        return _error_response(status, message, {"x-vercel-id": vercel_id})
 
     # -- tokens ------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """The Vercel API client: sends one Create Event request and maps every answer to our types.
 
-2xx → `Delivered`; 408, 425, 429, 5xx, network errors, timeouts and answers that are not HTTP
-→ `VercelUnavailable` (with `Retry-After` parsed); any other status → `VercelRejected`. httpx's
-and aiohttp's exceptions stop here. `CONSUMER_HTTP_TIMEOUT` bounds the whole call.
+2xx → `Delivered`; 429 → `VercelThrottled`; 408, 425, 5xx, network errors, timeouts and answers
+that are not HTTP → `VercelUnavailable` (with `Retry-After` parsed); any other status →
+`VercelRejected`. The installation's quota (`X-RateLimit-*`) rides along on `Delivered` and
+`VercelThrottled`. httpx's and aiohttp's exceptions stop here. `CONSUMER_HTTP_TIMEOUT` bounds
+the whole call.
 
 The client is built once and shared; its connection pool is sized to the worker's concurrency
 and keeps connections alive between events. It speaks httpx's API over aiohttp's connection
@@ -14,6 +16,7 @@ aiohttp's pool did 1,198/s at 0.45 ms; bench/README.md). Pass `transport=` to us
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,12 +25,14 @@ import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from consumer import __version__
-from consumer.errors import VercelRejected, VercelUnavailable
+from consumer.errors import VercelRejected, VercelThrottled, VercelUnavailable
+from consumer.ratelimit import Quota, parse_quota
 from consumer.retry import parse_retry_after
 from consumer.translate import VercelRequest
 
 USER_AGENT = f"vercel-event-consumer/{__version__}"
-RETRYABLE_STATUSES = frozenset({408, 425, 429})
+RETRYABLE_STATUSES = frozenset({408, 425})
+THROTTLED = 429
 _MAX_BODY_READ = 2048  # bytes of an answer read: an error's go into the dead letter's detail
 
 
@@ -37,6 +42,7 @@ class Delivered:
 
     status: int
     vercel_id: str | None
+    quota: Quota | None = None
 
 
 class VercelClient:
@@ -59,9 +65,14 @@ class VercelClient:
             transport=transport or _pooled_transport(max_connections),
         )
 
-    async def send(self, request: VercelRequest, token: str) -> Delivered:
-        """Deliver one event; raise VercelRejected or VercelUnavailable when it was not."""
+    async def send(
+        self, request: VercelRequest, token: str, extra_headers: Mapping[str, str] | None = None
+    ) -> Delivered:
+        """Deliver one event; raise VercelRejected or VercelUnavailable when it was not.
+        `extra_headers` (such as `traceparent`) are sent along."""
         headers = {"Authorization": f"Bearer {token}"}
+        if extra_headers:
+            headers = {**extra_headers, **headers}
         try:
             async with (
                 asyncio.timeout(self._timeout),
@@ -74,7 +85,8 @@ class VercelClient:
                 # Bounded: a runaway body only costs that connection.
                 body = await _read_at_most(response, _MAX_BODY_READ)
                 if response.is_success:
-                    return Delivered(response.status_code, response.headers.get("x-vercel-id"))
+                    vercel_id = response.headers.get("x-vercel-id")
+                    return Delivered(response.status_code, vercel_id, parse_quota(response.headers))
         except (httpx.HTTPError, aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_failure(exc) from None
         raise _failure(response, body)
@@ -104,12 +116,28 @@ def _failure(response: httpx.Response, body: bytes) -> VercelRejected | VercelUn
     status = response.status_code
     vercel_id = response.headers.get("x-vercel-id")
     detail = f"HTTP {status} from Vercel: {_error_summary(body)}"
+    if status == THROTTLED:
+        return _throttled(response, detail)
     if status in RETRYABLE_STATUSES or status >= 500 or status < 400:
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         return VercelUnavailable(
             detail, status=status, vercel_id=vercel_id, retry_after=retry_after
         )
     return VercelRejected(detail, status=status, vercel_id=vercel_id)
+
+
+def _throttled(response: httpx.Response, detail: str) -> VercelThrottled:
+    """A 429: wait for Retry-After, or else until the quota resets."""
+    quota = parse_quota(response.headers)
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    if retry_after is None and quota is not None:
+        retry_after = quota.reset_in
+    return VercelThrottled(
+        detail,
+        status=THROTTLED,
+        vercel_id=response.headers.get("x-vercel-id"),
+        retry_after=retry_after,
+    )
 
 
 def _error_summary(body: bytes) -> str:

@@ -8,23 +8,40 @@ message holds its own channel, and the broker redelivers whatever that channel l
 
 On `stop` the worker cancels its consumer, waits up to `shutdown_timeout` for deliveries in
 flight, cancels what is left (unacked, so the broker redelivers it) and closes the connection.
+
+When the circuit breaker opens (Vercel down for everyone) the worker cancels its consumer, so
+messages wait in the work queue, and fetches one message at a time (`basic.get`) as a probe
+whenever the breaker allows one; once a probe succeeds the breaker closes and it consumes again.
+
+`readiness()` says whether the worker is consuming, and why not: starting, disconnected (with
+the broker's error), circuit_open or shutting_down. `in_flight`, `consuming` and `reconnects`
+are read by the metrics at scrape time. A `session_task` (the queue-depth poller) runs
+alongside each broker session, on its connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 
+from consumer.breaker import CircuitBreaker
 from consumer.errors import BrokerError
 from consumer.topology import Topology, broker_errors, declare, open_channel
 
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 Connect = Callable[[], Awaitable[AbstractConnection]]
+SessionTask = Callable[[AbstractConnection], Coroutine[Any, Any, None]]
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+EMPTY_QUEUE_POLL = 1.0  # seconds between probe fetches while the work queue is empty
 
 
 class Worker:
@@ -36,29 +53,59 @@ class Worker:
         connect: Connect,
         topology: Topology,
         make_handler: Callable[[AbstractChannel], MessageHandler],
+        breaker: CircuitBreaker,
         concurrency: int,
         shutdown_timeout: float,
         log: Any,
         reconnect_delays: Sequence[float] = RECONNECT_DELAYS,
+        session_task: SessionTask | None = None,
     ) -> None:
         self._connect = connect
         self.topology = topology
         self._make_handler = make_handler
+        self._breaker = breaker
         self._concurrency = concurrency
         self._shutdown_timeout = shutdown_timeout
         self._log = log
         self._reconnect_delays = reconnect_delays
         self._in_flight: set[asyncio.Task[Any]] = set()
-        self.consuming = False  # readiness: connected, declared and consuming
+        self._status = "starting"  # consuming | starting | disconnected | ... (readiness)
         self._consumed = False  # whether the current session got as far as consuming
+        self._session_task = session_task
+        self._stop: asyncio.Event | None = None
+        self._broker_lost: str | None = None  # the error that ended the last session
+        self.reconnects = 0  # sessions that failed or ended on a broker error
+
+    @property
+    def consuming(self) -> bool:
+        return self._status == "consuming"
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries being handled right now."""
+        return len(self._in_flight)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, detail): ready while consuming; otherwise the reason, and the breaker's state."""
+        stopping = self._stop is not None and self._stop.is_set()
+        status = "shutting_down" if stopping else self._status  # from the signal on, not later
+        detail: dict[str, Any] = {"status": status, "circuit": self._breaker.state.value}
+        if status != "consuming":
+            detail["reason"] = status
+        if status == "disconnected" and self._broker_lost is not None:
+            detail["detail"] = self._broker_lost
+        return status == "consuming", detail
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, reconnecting with backoff whenever the broker is lost."""
         failures = 0  # in a row: a session that got as far as consuming starts the count anew
+        self._stop = stop
         while not stop.is_set():
             try:
                 await self._session(stop)
             except BrokerError as exc:
+                self._status, self._broker_lost = "disconnected", str(exc)
+                self.reconnects += 1
                 failures = 1 if self._consumed else failures + 1
                 delay = self._reconnect_delays[min(failures, len(self._reconnect_delays)) - 1]
                 self._log.warning("broker unavailable", error=str(exc), retry_in_s=delay)
@@ -69,26 +116,83 @@ class Worker:
     async def _session(self, stop: asyncio.Event) -> None:
         self._consumed = False
         connection = await self._connect()
+        watcher: asyncio.Task[None] | None = None
         try:
             channel = await open_channel(connection, prefetch=self._concurrency)
             queue = await declare(channel, self.topology)
-            handler = self._make_handler(channel)
-            with broker_errors("starting the consumer"):
-                consumer_tag = await queue.consume(self._tracked(handler))
-            self.consuming = self._consumed = True
-            self._log.info("consuming", queue=self.topology.queue, concurrency=self._concurrency)
-            lost = await _wait_either(stop.wait(), channel.closed())
-            self.consuming = False
-            if lost:
-                raise BrokerError("the channel to the broker was closed")
-            with contextlib.suppress(BrokerError), broker_errors("cancelling the consumer"):
-                await queue.cancel(consumer_tag)
+            self._broker_lost = None
+            if self._session_task is not None:
+                watcher = asyncio.create_task(self._session_task(connection))
+            handler = self._tracked(self._make_handler(channel))
+            await self._consume_until_stopped(queue, handler, channel, stop)
+            self._status = "shutting_down"
             await self._drain()
         finally:
-            self.consuming = False
+            if self._status != "shutting_down":
+                self._status = "disconnected"
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.wait({watcher})
             await self._abandon_in_flight()
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    async def _consume_until_stopped(
+        self,
+        queue: AbstractQueue,
+        handler: MessageHandler,
+        channel: AbstractChannel,
+        stop: asyncio.Event,
+    ) -> None:
+        """Consume, pausing while the circuit is open; return on stop, raise if the channel dies."""
+        while True:
+            if self._breaker.is_open and not await self._probe_until_closed(
+                queue, handler, channel, stop
+            ):
+                return
+            with broker_errors("starting the consumer"):
+                consumer_tag = await queue.consume(handler)
+            self._status, self._consumed = "consuming", True
+            self._log.info("consuming", queue=self.topology.queue, concurrency=self._concurrency)
+            event = await _first_of(
+                stop=stop.wait(), lost=channel.closed(), tripped=self._breaker.tripped.wait()
+            )
+            if event == "lost":
+                raise BrokerError("the channel to the broker was closed")
+            self._status = "shutting_down" if event == "stop" else "circuit_open"
+            with contextlib.suppress(BrokerError), broker_errors("cancelling the consumer"):
+                await queue.cancel(consumer_tag)
+            if event == "stop":
+                return
+
+    async def _probe_until_closed(
+        self,
+        queue: AbstractQueue,
+        handler: MessageHandler,
+        channel: AbstractChannel,
+        stop: asyncio.Event,
+    ) -> bool:
+        """One message at a time while the breaker is open; False when stop came first."""
+        self._status = "circuit_open"
+        self._log.warning("circuit open; consumption paused", queue=self.topology.queue)
+        idle = 0.0
+        while self._breaker.is_open:
+            pause = max(self._breaker.probe_due_in(), idle)
+            event = await _first_of(
+                stop=stop.wait(), lost=channel.closed(), due=asyncio.sleep(pause)
+            )
+            if event == "stop":
+                return False
+            if event == "lost":
+                raise BrokerError("the channel to the broker was closed")
+            with broker_errors("fetching a probe message"):
+                message = await queue.get(no_ack=False, fail=False)
+            idle = EMPTY_QUEUE_POLL if message is None else 0.0
+            if message is not None:
+                self._breaker.begin_probe()
+                await handler(message)
+        self._log.info("circuit closed; consumption resumes", queue=self.topology.queue)
+        return True
 
     def _tracked(self, handler: MessageHandler) -> MessageHandler:
         async def tracked(message: AbstractIncomingMessage) -> None:
@@ -121,13 +225,12 @@ class Worker:
             await asyncio.wait(set(self._in_flight), timeout=5)
 
 
-async def _wait_either(stopped: Awaitable[Any], closed: Awaitable[Any]) -> bool:
-    """Wait until stop is asked for (→ False) or the channel closes (→ True)."""
-    stop_task = asyncio.ensure_future(stopped)
-    closed_task = asyncio.ensure_future(closed)
-    done, pending = await asyncio.wait(
-        {stop_task, closed_task}, return_when=asyncio.FIRST_COMPLETED
-    )
-    for task in pending:
-        task.cancel()
-    return closed_task in done and stop_task not in done
+async def _first_of(**waits: Awaitable[Any]) -> str:
+    """Wait for the first of `waits` to finish; return its name (the first given wins a tie)."""
+    tasks = {name: asyncio.ensure_future(wait) for name, wait in waits.items()}
+    try:
+        await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks.values():
+            task.cancel()
+    return next(name for name, task in tasks.items() if task.done() and not task.cancelled())

@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,12 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.cli import build_worker
 from consumer.contract import example_event
+from consumer.health import HealthServer
 from consumer.logs import configure_logging, get_logger
+from consumer.metrics import Metrics
 from consumer.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
 from consumer.sim import VercelSimulator
@@ -97,11 +102,23 @@ async def channel(amqp: AbstractConnection) -> AbstractChannel:
 
 @pytest.fixture(scope="session")
 def private_broker() -> Iterator[PrivateBroker]:
-    """A RabbitMQ node of its own, for tests that stop, restart or cut off the broker."""
+    """A RabbitMQ node of its own, for tests that stop, restart or cut off the broker. Left
+    running if it was already (another test session on this machine may be using it)."""
     broker = PrivateBroker(port=PRIVATE_BROKER_PORT)
+    was_running = broker.is_ready()
     broker.start()
     yield broker
-    broker.stop()
+    if not was_running:
+        broker.stop()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (the health endpoint's, say)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 @pytest.fixture
@@ -126,6 +143,7 @@ class Relay:
     logs: io.BytesIO
     task: asyncio.Task[None]
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics: Metrics = field(default_factory=Metrics)
 
     async def shutdown(self) -> None:
         self.stop.set()
@@ -171,11 +189,11 @@ async def start_relay(
         configure_logging("json", "debug", stream=logs)
         vercel = VercelClient(settings.vercel_api_url, timeout=settings.http_timeout)
         clients.append(vercel)
-        worker = build_worker(settings, vercel, get_logger("test"))
+        metrics = Metrics()
+        worker = build_worker(settings, vercel, get_logger("test"), metrics)
         stop = asyncio.Event()
-        relay = Relay(
-            settings, worker, worker.topology, logs, asyncio.create_task(worker.run(stop)), stop
-        )
+        task = asyncio.create_task(worker.run(stop))
+        relay = Relay(settings, worker, worker.topology, logs, task, stop, metrics)
         relays.append(relay)
         if wait_consuming:
             await wait_until(lambda: worker.consuming)
@@ -186,19 +204,62 @@ async def start_relay(
         await relay.shutdown()
     for client in clients:
         await client.aclose()
-    await _delete_topology(amqp, names, relays)
+    await delete_topology(amqp, names, [relay.topology for relay in relays])
 
 
-async def _delete_topology(
-    amqp: AbstractConnection, names: dict[str, str], relays: list[Relay]
+async def delete_topology(
+    amqp: AbstractConnection, names: dict[str, str], topologies: list[Topology]
 ) -> None:
+    """Delete the work queue, the DLQ, the exchange and the retry tiers of `topologies`."""
     channel = await amqp.channel()
     queues = {names["queue"], f"{names['queue']}.dlq"}
-    for relay in relays:
-        queues.update(relay.topology.retry_queue(ms) for ms in relay.topology.retry_tiers_ms)
+    for topology in topologies:
+        queues.update(topology.retry_queue(ms) for ms in topology.retry_tiers_ms)
     for queue in queues:
         await channel.queue_delete(queue)
     await channel.exchange_delete(names["exchange"])
+
+
+@pytest.fixture
+async def serve_health() -> AsyncIterator[Callable[[Relay], Awaitable[HealthServer]]]:
+    """Serve a relay's /livez, /readyz and /metrics on a free port of 127.0.0.1."""
+    servers: list[HealthServer] = []
+
+    async def serve(relay: Relay) -> HealthServer:
+        server = HealthServer(relay.worker.readiness, relay.metrics)
+        servers.append(server)
+        await server.start("127.0.0.1", 0)
+        return server
+
+    yield serve
+    for server in servers:
+        await server.stop()
+
+
+async def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    """GET a JSON endpoint: (status, body)."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.json()
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(base_url: str) -> Samples:
+    """GET /metrics and parse it with prometheus_client's parser: {(name, labels): value}."""
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as answer:
+        assert answer.status == 200
+        text = await answer.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of one series, None when it is not exposed."""
+    return samples.get((name, frozenset(labels.items())))
 
 
 @pytest.fixture

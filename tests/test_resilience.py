@@ -17,6 +17,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from consumer.breaker import CircuitBreaker
 from consumer.cli import build_worker
 from consumer.errors import BrokerError
 from consumer.settings import load_settings
@@ -90,6 +91,7 @@ async def test_worker_outlives_a_connection_that_closes_before_its_channel_opens
         connect=connect_closing_the_first,
         topology=topology,
         make_handler=lambda channel: _ack,
+        breaker=CircuitBreaker(),
         concurrency=1,
         shutdown_timeout=1,
         log=log,

@@ -13,6 +13,7 @@ from consumer.errors import (
     DeliveryError,
     Reason,
     VercelRejected,
+    VercelThrottled,
     VercelUnavailable,
 )
 from consumer.retry import DeadLetter, Retry, RetryPolicy, parse_retry_after
@@ -76,6 +77,39 @@ def test_permanent_failures_dead_letter_at_once(
 ) -> None:
     """Errors with a reason dead-letter on the first attempt, whatever the budget left."""
     assert policy().decide(error, 1) == DeadLetter(reason, error.detail, status, 1)
+
+
+def test_a_message_older_than_the_max_age_is_retries_exhausted() -> None:
+    """Past max_age since its first attempt a transient failure dead-letters, attempts or not."""
+    p = RetryPolicy((1, 5), 100, max_age=3600, rng=random.Random(7))
+    decision = p.decide(VercelUnavailable("HTTP 503", status=503), 2, age=3600.5)
+    assert isinstance(decision, DeadLetter)
+    assert decision.reason is Reason.RETRIES_EXHAUSTED
+    assert decision.detail.startswith("gave up after 3600 s (max retry age 3600 s) and 2 attempts")
+    assert isinstance(p.decide(VercelUnavailable("HTTP 503"), 2, age=3599), Retry)
+
+
+def test_a_throttled_failure_does_not_spend_an_attempt() -> None:
+    """A 429 keeps the attempt count where it was, even on the last attempt, and waits at least
+    its Retry-After."""
+    decision = policy(attempts=4).decide(VercelThrottled("429", status=429, retry_after=4.2), 4)
+    assert decision == Retry(delay_ms=4500, attempts=3)
+
+
+def test_an_uncounted_failure_does_not_spend_an_attempt() -> None:
+    """With counted=False (the circuit is open) a 503 on the last attempt is retried, not
+    dead-lettered, and the count stays where it was."""
+    decision = policy(attempts=4).decide(VercelUnavailable("503"), 4, counted=False)
+    assert isinstance(decision, Retry)
+    assert decision.attempts == 3
+
+
+def test_uncounted_failures_still_age_out() -> None:
+    """Waiting out rate limits is bounded too: past max_age a 429 dead-letters."""
+    p = RetryPolicy((1,), 4, max_age=60, rng=random.Random(7))
+    decision = p.decide(VercelThrottled("429", status=429), 1, age=61)
+    assert isinstance(decision, DeadLetter)
+    assert decision.reason is Reason.RETRIES_EXHAUSTED
 
 
 def test_internal_errors_are_retried() -> None:

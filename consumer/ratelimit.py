@@ -1,0 +1,126 @@
+"""Client-side rate limits: a global cap on requests per second, and per-installation quotas
+learned from Vercel's answers.
+
+Vercel limits each integration per installation and says so on its answers:
+`X-RateLimit-Remaining` requests are left until `X-RateLimit-Reset` (epoch seconds), and a 429
+carries `Retry-After`. `InstallationLimits` remembers both per installation and tells the
+handler how long an installation must still wait before its next request: the handler holds a
+short wait in place and defers a long one to a retry tier, so a throttled installation never
+keeps consumer slots from the others. `RequestRate` spaces all requests to
+`CONSUMER_MAX_RPS`, for partners whose agreement with Vercel sets a global budget.
+
+Pure: a clock is injected; nothing here knows about HTTP or the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+Clock = Callable[[], float]
+QUOTA_PROBE_GRACE = 2.0  # seconds to wait for the answer that tells a new window's quota
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """What one answer said about its installation's quota: requests left, seconds to reset."""
+
+    remaining: int
+    reset_in: float
+
+
+def parse_quota(headers: Mapping[str, str], *, now: float | None = None) -> Quota | None:
+    """`X-RateLimit-Remaining` and `X-RateLimit-Reset` (epoch seconds), or None if either is
+    missing or unusable. `headers` must look names up case-insensitively (as httpx's do)."""
+    remaining = headers.get("x-ratelimit-remaining", "").strip()
+    reset = headers.get("x-ratelimit-reset", "").strip()
+    if not remaining.isdigit():
+        return None
+    try:
+        reset_at = float(reset)
+    except ValueError:
+        return None
+    reset_in = reset_at - (time.time() if now is None else now)
+    if not 0 <= reset_in <= 86_400:  # a reset in the past or a day away is not believable
+        return None
+    return Quota(int(remaining), reset_in)
+
+
+class InstallationLimits:
+    """Per installation: until when it is blocked (after a 429) and the quota it has left."""
+
+    def __init__(self, *, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._blocked_until: dict[str, float] = {}
+        self._quota: dict[str, tuple[int, float]] = {}  # remaining, monotonic reset time
+
+    def wait_for(self, installation: str) -> float:
+        """Seconds `installation` must wait before its next request; at 0 it may go now, and
+        one request of its known quota is reserved for it."""
+        now = self._clock()
+        blocked_until = self._blocked_until.get(installation)
+        if blocked_until is not None:
+            if blocked_until > now:
+                return blocked_until - now
+            del self._blocked_until[installation]
+        quota = self._quota.get(installation)
+        if quota is None:
+            return 0.0
+        remaining, reset_at = quota
+        if reset_at <= now:
+            # A new window whose size we only learn from an answer: send one request to learn
+            # it, and hold the others back until its answer (or, should none come, a while).
+            self._quota[installation] = (0, now + QUOTA_PROBE_GRACE)
+            return 0.0
+        if remaining <= 0:
+            return reset_at - now
+        # Reserve before sending: concurrent requests must not all spend the same last unit.
+        self._quota[installation] = (remaining - 1, reset_at)
+        return 0.0
+
+    def observe(self, installation: str, quota: Quota | None) -> None:
+        """Take the quota an answer reported (the freshest word on it)."""
+        if quota is not None:
+            self._quota[installation] = (quota.remaining, self._clock() + quota.reset_in)
+
+    def block(self, installation: str, seconds: float) -> None:
+        """Vercel answered 429: no request for `installation` for `seconds`."""
+        until = self._clock() + seconds
+        self._blocked_until[installation] = max(until, self._blocked_until.get(installation, 0))
+
+    def throttled(self) -> int:
+        """How many installations are blocked or out of quota right now."""
+        now = self._clock()
+        blocked = {key for key, until in self._blocked_until.items() if until > now}
+        spent = {key for key, (left, reset) in self._quota.items() if left <= 0 and reset > now}
+        return len(blocked | spent)
+
+
+class RequestRate:
+    """Spaces requests to at most `per_second` overall (0 = no limit), first come first served.
+
+    Each caller reserves the next free slot and sleeps until it: a smooth stream, no bursts.
+    """
+
+    def __init__(
+        self,
+        per_second: float,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._interval = 1 / per_second if per_second > 0 else 0.0
+        self._clock = clock
+        self._sleep = sleep
+        self._next_free = 0.0
+
+    async def acquire(self) -> None:
+        if not self._interval:
+            return
+        now = self._clock()
+        slot = max(self._next_free, now)
+        self._next_free = slot + self._interval
+        if slot > now:
+            await self._sleep(slot - now)

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from consumer.contract import example_event, parse_event
 from consumer.errors import ContractError
 from consumer.sim import Fault, VercelSimulator
-from tests.conftest import AMQP_URL, drain_queue, wait_until
+from tests.conftest import AMQP_URL, drain_queue, wait_for_dead_letters, wait_until
 
 RAW = contextvars.ContextVar("RAW", default=False)
 MAX_BODY = 8192  # the relay's CONSUMER_MAX_BODY_BYTES in these tests
@@ -210,6 +210,24 @@ async def test_headers_too_large_to_copy_are_dropped_not_looped_on(
     assert "big" not in dead.headers
     assert good_id in outcomes.delivered()
     assert "broker unavailable" not in relay.log_text()
+
+
+async def test_a_publishers_x_delivery_count_is_not_taken_for_redeliveries(
+    relay: Any, pub_channel: AbstractChannel, outcomes: Outcomes, names: dict[str, str]
+) -> None:
+    """A first delivery carries whatever `x-delivery-count` its publisher set (the broker sets
+    its own only on redeliveries): a valid event with a forged count is delivered, an invalid
+    one is invalid_message, neither is taken for a crash loop (redelivery_limit)."""
+    good_id, bad_id = new_id(), new_id()
+    forged = {"x-delivery-count": 1_000_000}
+    messages = [
+        hostile_message(good_body(good_id), headers=forged),
+        hostile_message(b"{}", headers={**forged, ID_HEADER: bad_id}),
+    ]
+    await publish_raw(pub_channel, names["exchange"], messages)
+    await outcomes.wait({good_id, bad_id})
+    assert good_id in outcomes.delivered()
+    assert outcomes.dead[bad_id].headers["dead-letter-reason"] == "invalid_message"
 
 
 async def test_ten_megabyte_bodies_are_dead_lettered_while_good_ones_flow(
@@ -398,7 +416,31 @@ async def test_hostile_messages_end_as_dead_letters_and_good_ones_arrive(
     await outcomes.wait(expected_dead | expected_delivered)
     assert expected_delivered <= outcomes.delivered()
     for hid in expected_dead:
-        assert outcomes.dead[hid].headers["dead-letter-reason"] == "invalid_message"
+        dead = outcomes.dead[hid]
+        assert dead.headers["dead-letter-reason"] == "invalid_message", dead.headers
     assert not relay.task.done()
     assert "could not republish" not in relay.log_text()
     assert "broker unavailable" not in relay.log_text()
+
+
+async def test_the_brokers_own_count_still_stops_a_crash_loop(
+    start_relay: Callable[..., Awaitable[Any]],
+    pub_channel: AbstractChannel,
+    channel: AbstractChannel,
+    outcomes: Outcomes,
+    names: dict[str, str],
+) -> None:
+    """The other side of the test above: a message the broker really redelivered more than
+    CONSUMER_MAX_REDELIVERIES times is dead-lettered as redelivery_limit, unprocessed."""
+    relay = await start_relay(max_redeliveries=3)
+    await relay.shutdown()  # declared; now hand the message back by hand, as dying workers do
+    hostile_id = new_id()
+    await publish_raw(pub_channel, names["exchange"], [hostile_message(good_body(hostile_id))])
+    queue = await channel.get_queue(names["queue"])
+    for _ in range(4):
+        message = await queue.get(timeout=10)
+        await message.nack(requeue=True)
+    await start_relay(max_redeliveries=3)
+    dead = await wait_for_dead_letters(channel, names["queue"], 1)
+    assert dead[0].headers["dead-letter-reason"] == "redelivery_limit"
+    assert hostile_id not in outcomes.delivered()

@@ -101,7 +101,7 @@ async def channel(amqp: AbstractConnection) -> AbstractChannel:
 
 
 @pytest.fixture(scope="session")
-def private_broker() -> Iterator[PrivateBroker]:
+def private_node() -> Iterator[PrivateBroker]:
     """A RabbitMQ node of its own, for tests that stop, restart or cut off the broker. Left
     running if it was already (another test session on this machine may be using it)."""
     broker = PrivateBroker(port=PRIVATE_BROKER_PORT)
@@ -110,6 +110,13 @@ def private_broker() -> Iterator[PrivateBroker]:
     yield broker
     if not was_running:
         broker.stop()
+
+
+@pytest.fixture
+def private_broker(private_node: PrivateBroker) -> PrivateBroker:
+    """The private node, up and healthy for this test (an earlier one may have broken it)."""
+    private_node.ensure_healthy()
+    return private_node
 
 
 @pytest.fixture

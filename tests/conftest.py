@@ -65,6 +65,18 @@ async def _holds(predicate: Callable[[], bool | Awaitable[bool]]) -> bool:
     return await result if inspect.isawaitable(result) else result
 
 
+def broker_connections(*columns: str) -> list[list[str]]:
+    """`rabbitmqctl list_connections COLUMNS` on the shared broker: one row of fields each."""
+    listing = subprocess.run(
+        ["rabbitmqctl", "-s", "list_connections", *columns],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return [line.split("\t") for line in listing.splitlines()]
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m consumer ARGS` as an operator would; `env` replaces the environment."""
     return subprocess.run(

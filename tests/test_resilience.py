@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,7 +26,7 @@ from consumer.vercel import VercelClient
 from consumer.worker import Worker
 from tests.brokers import PrivateBroker
 from tests.chaos import CHAOS_TOKENS, Scenario, TcpProxy
-from tests.conftest import AMQP_URL, wait_until
+from tests.conftest import AMQP_URL, broker_connections, wait_until
 
 
 class ListLog:
@@ -110,18 +109,11 @@ async def test_worker_outlives_a_connection_that_closes_before_its_channel_opens
 
 def broker_heartbeats() -> dict[str, int]:
     """Heartbeat timeout (s) of each named client connection, as the shared broker sees it."""
-    listing = subprocess.run(
-        ["rabbitmqctl", "-s", "list_connections", "client_properties", "timeout"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
     found = {}
-    for line in listing.splitlines():
-        name = re.search(r'\{"connection_name","([^"]+)"\}', line)
+    for properties, timeout in broker_connections("client_properties", "timeout"):
+        name = re.search(r'\{"connection_name","([^"]+)"\}', properties)
         if name:
-            found[name.group(1)] = int(line.rsplit("\t", 1)[1])
+            found[name.group(1)] = int(timeout)
     return found
 
 

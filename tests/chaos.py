@@ -226,8 +226,8 @@ class WorkerProcess:
         return code
 
     async def wait_consuming(self, sessions: int | None = None, timeout: float = 60) -> None:  # noqa: ASYNC109
-        """Wait for the `sessions`-th `consuming` line (default: one more than when this start
-        began, i.e. one per start)."""
+        """Wait for the `sessions`-th `consuming` line in the log (default: one per start so far;
+        pass more after breaking the broker, which makes a running worker consume again)."""
         wanted = sessions if sessions is not None else self.starts
         await self.wait_for("consuming", wanted, timeout)
 

@@ -127,7 +127,9 @@ class Handler:
         return {TRACEPARENT: trace.value}
 
     def _check_redeliveries(self, message: AbstractIncomingMessage) -> None:
-        count = redeliveries(message.headers)
+        # On a first delivery the broker passes on whatever x-delivery-count the publisher set;
+        # only a redelivery's count is the broker's own.
+        count = redeliveries(message.headers) if message.redelivered else 0
         if count > self._max_redeliveries:
             raise RedeliveryLimit(
                 f"delivered {count + 1} times without an outcome (more than"

@@ -488,13 +488,24 @@ class Scenario:
         """Publish `count` valid events (alternating installations) with confirms; their ids."""
         return await self._publish(count, valid=True)
 
+    async def publish_for(self, installation_id: str, count: int) -> list[str]:
+        """Publish `count` valid events of one installation (its token is the caller's job)."""
+        return await self._publish(count, valid=True, installations=[installation_id])
+
     async def publish_invalid(self, count: int) -> list[str]:
         """Publish `count` events without `occurred_at`: each must end as invalid_message."""
         return await self._publish(count, valid=False)
 
-    async def _publish(self, count: int, *, valid: bool, batch: int = 500) -> list[str]:
+    async def _publish(
+        self,
+        count: int,
+        *,
+        valid: bool,
+        batch: int = 500,
+        installations: list[str] | None = None,
+    ) -> list[str]:
         ids = [f"evt_{uuid.uuid4().hex}" for _ in range(count)]
-        installations = sorted(CHAOS_TOKENS)
+        installations = installations or sorted(CHAOS_TOKENS)
         async with await aio_pika.connect(self.amqp_url) as connection:
             channel = await open_channel(connection)
             exchange = await channel.get_exchange(str(self.settings["exchange"]))
@@ -502,7 +513,9 @@ class Scenario:
                 await asyncio.gather(
                     *(
                         exchange.publish(
-                            _event_message(event_id, installations[n % 2], valid=valid),
+                            _event_message(
+                                event_id, installations[n % len(installations)], valid=valid
+                            ),
                             routing_key="resource.renamed",
                             mandatory=True,
                         )

@@ -71,6 +71,74 @@ async def test_chaos_2_worker_killed_three_times(
     assert sim.by_status["503"] == 600
 
 
+async def test_chaos_3_vercel_down_for_60_seconds_dead_letters_nothing(
+    private_broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """Vercel answers 503 to everyone for 60 s while 3,000 events wait. Each event has three
+    attempts 0.2 and 0.5 s apart, so without the circuit breaker all of them would be
+    dead-lettered within seconds. The circuit opens, consumption pauses (the events wait in
+    the work queue), single probes test Vercel, and once it is back everything is delivered:
+    zero dead letters, and Vercel saw only the calls that opened the circuit plus the probes."""
+    outage = 60.0
+    async with (
+        VercelSimulator(CHAOS_TOKENS, latency=0.05) as sim,
+        Scenario(
+            private_broker.url,
+            sim,
+            tmp_path,
+            retry_delays="0.2,0.5",
+            max_attempts=3,
+            breaker_probe_delays="1,2,5",
+        ) as scenario,
+    ):
+        await scenario.publish(3000)
+        sim.add_fault(Fault(status=503))
+        began = time.monotonic()
+        worker = scenario.worker()
+        worker.start()
+        await worker.wait_for("circuit open; consumption paused")
+        await wait_until(lambda: time.monotonic() - began > outage / 2, timeout=outage)
+        waiting = await scenario.queued()
+        await wait_until(lambda: time.monotonic() - began > outage, timeout=outage)
+        failed_calls = sim.by_status["503"]
+        sim.clear_faults()
+        await worker.wait_for("circuit closed; consumption resumes")
+        report = await scenario.finish("3: Vercel 503 for 60 s")
+    print(f"chaos 3: {failed_calls} calls failed in {outage:.0f} s; {waiting} events waited")
+    assert report.dead_lettered == {}
+    assert waiting >= 2900  # paused: the events waited in the queue, not in retry cycles
+    assert failed_calls < 150  # the calls that opened it (about one window) and the probes
+
+
+async def test_chaos_a_message_that_kills_every_worker_is_dead_lettered(
+    private_broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """A message whose processing kills the worker every time (here: its call to Vercel hangs
+    and the test `kill -9`s the worker then) is redelivered by the broker after each crash;
+    past CONSUMER_MAX_REDELIVERIES (2) the next worker dead-letters it as redelivery_limit
+    without calling Vercel again, and the fleet goes on delivering the events behind it."""
+    async with (
+        VercelSimulator(CHAOS_TOKENS, latency=0.01) as sim,
+        Scenario(private_broker.url, sim, tmp_path, max_redeliveries=2) as scenario,
+    ):
+        sim.set_token("icfg_poison", "tok_poison")
+        (tmp_path / "tokens" / "icfg_poison").write_text("tok_poison")
+        sim.add_fault(Fault(latency=3600, installation="icfg_poison"))
+        poison = await scenario.publish_for("icfg_poison", 1)
+        worker = scenario.worker()
+        for crash in (1, 2, 3):
+            worker.start()
+            await wait_until(lambda n=crash: sim.requests == n)  # its call hangs: crash now
+            await worker.kill()
+        worker.start()
+        await worker.wait_for("dead_lettered")
+        await scenario.publish(300)
+        report = await scenario.finish("a message that kills every worker")
+    assert report.dead_lettered == {"redelivery_limit": 1}
+    assert scenario.dead_letters[0][0] == poison[0]
+    assert sim.requests == 3 + 300  # the poison was not sent a fourth time
+
+
 async def test_chaos_4_sigterm_during_slow_deliveries(
     private_broker: PrivateBroker, tmp_path: Path
 ) -> None:

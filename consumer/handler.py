@@ -172,7 +172,7 @@ class Handler:
             if wait > HOLD_IN_PLACE:
                 raise VercelThrottled(
                     f"held back: installation over its Vercel rate limit for {wait:.1f} s more",
-                    retry_after=wait,
+                    retry_after=self._limits.defer(installation, wait),
                 )
             await asyncio.sleep(wait)
         await self._rate.acquire()

@@ -10,6 +10,12 @@ Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
 `dead-letter-http-status`, `dead-lettered-at` (dead letters) and `replay-count`, `replayed-at`
 (set by `vercel-consumer dlq replay`, see consumer/dlq.py). The broker's `x-delivery-count` is
 dropped from copies: it counts deliveries of the original, and a copy starts afresh.
+
+A copy must be publishable whatever the original carried, or the message could never leave the
+work queue: header strings that were not UTF-8 (pamqp hands them over as bytes, which it cannot
+send) become byte arrays, and headers that would not fit in one AMQP frame next to ours (the
+broker closes the whole connection over an oversized frame) are dropped, largest first, and
+named in `dropped-headers`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import pamqp.encode
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
 
 from consumer.retry import DeadLetter, Retry
@@ -40,6 +47,16 @@ MAX_DETAIL_BYTES = 1024
 # Set by quorum queues: how often the broker delivered this copy before without an ack. Ours
 # only for reading; never carried over to a copy, which is a new message.
 DELIVERY_COUNT = "x-delivery-count"
+DROPPED_HEADERS = "dropped-headers"
+# Never dropped to make room: what this copy is about, each of bounded size.
+VERDICT_HEADERS = frozenset(
+    {ATTEMPTS, LAST_ERROR, REASON, DETAIL, HTTP_STATUS, DEAD_LETTERED_AT, REPLAY_COUNT, REPLAYED_AT}
+)
+# RabbitMQ's default frame_max; all properties travel in one frame, and a publisher's message
+# with larger headers was refused already. The reserve covers the other properties (at most
+# 8 short strings of 255 bytes) and the frame's own fields.
+FRAME_MAX = 131_072
+HEADERS_LIMIT = FRAME_MAX - 4096
 
 
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
@@ -78,6 +95,45 @@ def truncate_utf8(text: str, limit: int = MAX_DETAIL_BYTES) -> str:
     if len(data) <= limit:
         return text
     return data[: limit - 3].decode("utf-8", errors="ignore") + "..."
+
+
+def publishable_headers(headers: HeadersType, limit: int = HEADERS_LIMIT) -> HeadersType:
+    """`headers` as AMQP can encode them again, within `limit` encoded bytes.
+
+    Byte strings (header strings that were not UTF-8) become byte arrays, the same bytes. A
+    header that still cannot be encoded, then the largest ones until the rest fits, are dropped
+    (never one of VERDICT_HEADERS) and named in `dropped-headers`.
+    """
+    fixed = {name: _encodable(value) for name, value in headers.items()}
+    sizes: dict[str, int] = {}
+    dropped = []
+    for name, value in fixed.items():
+        try:
+            sizes[name] = len(pamqp.encode.field_table({name: value}))
+        except (TypeError, ValueError):
+            dropped.append(name)
+    total = sum(sizes.values()) + 64  # room for the dropped-headers header itself
+    for name in sorted(sizes, key=sizes.__getitem__, reverse=True):
+        if total <= limit:
+            break
+        if name not in VERDICT_HEADERS:
+            dropped.append(name)
+            total -= sizes[name]
+    if not dropped:
+        return fixed
+    kept: HeadersType = {k: v for k, v in fixed.items() if k not in dropped}
+    kept[DROPPED_HEADERS] = truncate_utf8(",".join(dropped))
+    return kept
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, list):
+        return [_encodable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _encodable(item) for key, item in value.items()}
+    return value
 
 
 def rfc3339(moment: datetime) -> str:
@@ -134,12 +190,13 @@ class Republisher:
 
 
 def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
-    """A persistent copy of `message`: the same body and properties with other `headers`, and
-    neither `expiration` (it would let the copy vanish) nor `user_id` (the broker checks it
-    against our login; callers keep it as the `original-user-id` header)."""
+    """A persistent copy of `message`: the same body and properties with other `headers` (made
+    publishable, see `publishable_headers`), and neither `expiration` (it would let the copy
+    vanish) nor `user_id` (the broker checks it against our login; callers keep it as the
+    `original-user-id` header)."""
     return aio_pika.Message(
         message.body,
-        headers=headers,
+        headers=publishable_headers(headers),
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,

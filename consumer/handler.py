@@ -127,7 +127,9 @@ class Handler:
         return {TRACEPARENT: trace.value}
 
     def _check_redeliveries(self, message: AbstractIncomingMessage) -> None:
-        count = redeliveries(message.headers)
+        # On a first delivery the broker passes on whatever x-delivery-count the publisher set;
+        # only a redelivery's count is the broker's own.
+        count = redeliveries(message.headers) if message.redelivered else 0
         if count > self._max_redeliveries:
             raise RedeliveryLimit(
                 f"delivered {count + 1} times without an outcome (more than"
@@ -170,7 +172,7 @@ class Handler:
             if wait > HOLD_IN_PLACE:
                 raise VercelThrottled(
                     f"held back: installation over its Vercel rate limit for {wait:.1f} s more",
-                    retry_after=wait,
+                    retry_after=self._limits.defer(installation, wait),
                 )
             await asyncio.sleep(wait)
         await self._rate.acquire()

@@ -3,6 +3,11 @@
 Only entry points call `configure_logging`. Below the configured level a log call returns at
 once (`make_filtering_bound_logger`), so debug lines cost nothing on the hot path. Log lines
 are written to stdout as single JSON objects rendered by orjson.
+
+Libraries log through the standard `logging` module (aiormq reports every dropped connection,
+with a traceback, at warning and error). Their records of warning and above are passed to
+structlog too, so that they are JSON lines like ours (`logger` names the library, the
+traceback goes in `exception`), not bare text between them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,19 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    root = logging.getLogger()
+    if not any(isinstance(handler, _ToStructlog) for handler in root.handlers):
+        root.addHandler(_ToStructlog(logging.WARNING))
+
+
+class _ToStructlog(logging.Handler):
+    """Hands the standard library's log records to structlog."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"logger": record.name}
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **fields)
 
 
 def _binary(stream: IO[Any]) -> Any:

@@ -2,12 +2,15 @@
 learned from Vercel's answers.
 
 Vercel limits each integration per installation and says so on its answers:
-`X-RateLimit-Remaining` requests are left until `X-RateLimit-Reset` (epoch seconds), and a 429
-carries `Retry-After`. `InstallationLimits` remembers both per installation and tells the
-handler how long an installation must still wait before its next request: the handler holds a
-short wait in place and defers a long one to a retry tier, so a throttled installation never
-keeps consumer slots from the others. `RequestRate` spaces all requests to
-`CONSUMER_MAX_RPS`, for partners whose agreement with Vercel sets a global budget.
+`X-RateLimit-Remaining` of `X-RateLimit-Limit` requests are left until `X-RateLimit-Reset`
+(epoch seconds), and a 429 carries `Retry-After`. `InstallationLimits` remembers this per
+installation and tells the handler how long an installation must still wait before its next
+request: the handler holds a short wait in place and defers a long one to a retry tier, so a
+throttled installation never keeps consumer slots from the others. Deferred messages of one
+installation are given successive slots, spaced by its limit's rate (`defer`), so that a
+backlog returns about as fast as Vercel will take it instead of all at once, over and over.
+`RequestRate` spaces all requests to `CONSUMER_MAX_RPS`, for partners whose agreement with
+Vercel sets a global budget.
 
 Pure: a clock is injected; nothing here knows about HTTP or the broker.
 """
@@ -29,6 +32,7 @@ class Quota:
 
     remaining: int
     reset_in: float
+    limit: int | None = None
 
 
 def parse_quota(headers: Mapping[str, str], *, now: float | None = None) -> Quota | None:
@@ -45,7 +49,8 @@ def parse_quota(headers: Mapping[str, str], *, now: float | None = None) -> Quot
     reset_in = reset_at - (time.time() if now is None else now)
     if not 0 <= reset_in <= 86_400:  # a reset in the past or a day away is not believable
         return None
-    return Quota(int(remaining), reset_in)
+    limit = headers.get("x-ratelimit-limit", "").strip()
+    return Quota(int(remaining), reset_in, int(limit) if limit.isdigit() and limit != "0" else None)
 
 
 class InstallationLimits:
@@ -55,6 +60,8 @@ class InstallationLimits:
         self._clock = clock
         self._blocked_until: dict[str, float] = {}
         self._quota: dict[str, tuple[int, float]] = {}  # remaining, monotonic reset time
+        self._spacing: dict[str, float] = {}  # seconds per request its limit allows
+        self._next_slot: dict[str, float] = {}  # the next free slot for a deferred message
 
     def wait_for(self, installation: str) -> float:
         """Seconds `installation` must wait before its next request; at 0 it may go now, and
@@ -82,8 +89,21 @@ class InstallationLimits:
 
     def observe(self, installation: str, quota: Quota | None) -> None:
         """Take the quota an answer reported (the freshest word on it)."""
-        if quota is not None:
-            self._quota[installation] = (quota.remaining, self._clock() + quota.reset_in)
+        if quota is None:
+            return
+        self._quota[installation] = (quota.remaining, self._clock() + quota.reset_in)
+        if quota.limit:
+            # The longest reset seen is the closest to the window's length.
+            spacing = quota.reset_in / quota.limit
+            self._spacing[installation] = max(spacing, self._spacing.get(installation, 0.0))
+
+    def defer(self, installation: str, wait: float) -> float:
+        """Seconds a message of `installation` that must wait at least `wait` should be put
+        away for: the next free slot after that, one slot per request its limit allows."""
+        now = self._clock()
+        slot = max(now + wait, self._next_slot.get(installation, 0.0))
+        self._next_slot[installation] = slot + self._spacing.get(installation, 0.0)
+        return slot - now
 
     def block(self, installation: str, seconds: float) -> None:
         """Vercel answered 429: no request for `installation` for `seconds`."""

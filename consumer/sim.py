@@ -18,6 +18,8 @@ number of times or until cleared.
 
 - Tests use it in-process: `async with VercelSimulator({"icfg_1": "tok"}) as sim:` starts it on
   a free port of 127.0.0.1 (`sim.url`), and assert on `sim.accepted` / `sim.add_fault(...)`.
+  `sim.refused` lists every answer a status fault gave, with the request's event and the
+  Retry-After sent, so a test can check when that same event came back.
 - The demo and the benchmark run it as a separate process through `serve()` (the project CLI)
   and drive it over HTTP: `GET /_sim/accepted?since=N`, `GET /_sim/stats`, `POST /_sim/faults`
   (a Fault as JSON), `DELETE /_sim/faults`, `POST /_sim/reset`, and `GET /_sim/arrivals?since=N`
@@ -97,9 +99,22 @@ class Accepted:
 
     installation_id: str
     event: dict[str, Any]
-    received_at: float
+    received_at: float  # time.time() when answered, after any latency
     vercel_id: str
     headers: dict[str, str]  # request headers without authorization
+    arrived_at: float = 0.0  # time.time() when the request arrived, before any latency
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A request that a status fault answered instead of handling it."""
+
+    installation_id: str
+    status: int
+    retry_after: str | None
+    arrived_at: float  # time.time() when the request arrived
+    answered_at: float  # time.time() when the fault's answer was sent
+    event: dict[str, Any] | None  # the body's `event` object, when the body was JSON
 
 
 class _ActiveFault:
@@ -168,6 +183,7 @@ class VercelSimulator:
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
         self.accepted: list[Accepted] = []
+        self.refused: list[Refused] = []
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests ever open at once: shows client concurrency
@@ -188,6 +204,7 @@ class VercelSimulator:
     def reset(self) -> None:
         """Forgets accepted events, counters and faults; tokens stay."""
         self.accepted.clear()
+        self.refused.clear()
         self.requests = 0
         self.max_in_flight = 0
         self.client_ports.clear()
@@ -290,11 +307,12 @@ class VercelSimulator:
 
     async def _answer_event(self, request: web.Request) -> web.StreamResponse:
         installation_id = request.match_info["installation_id"]
+        arrived_at = time.time()
         if self._latency > 0:
             await asyncio.sleep(self._latency)
         fault = self._take_fault(installation_id)
         if fault is not None:
-            answer = await self._apply_fault(request, fault)
+            answer = await self._apply_fault(request, fault, arrived_at)
             if answer is not None:
                 return answer
         headers = {"x-vercel-id": self._new_vercel_id()}
@@ -306,10 +324,9 @@ class VercelSimulator:
         except _Reject as reject:
             self.by_status[str(reject.status)] += 1
             return _error_response(reject.status, reject.message, {**headers, **reject.headers})
+        vercel_id, request_headers = headers["x-vercel-id"], _safe_headers(request)
         self.accepted.append(
-            Accepted(
-                installation_id, event, time.time(), headers["x-vercel-id"], _safe_headers(request)
-            )
+            Accepted(installation_id, event, time.time(), vercel_id, request_headers, arrived_at)
         )
         self.by_status["201"] += 1
         return web.Response(status=201, headers=headers)
@@ -326,7 +343,9 @@ class VercelSimulator:
             return active.fault
         return None
 
-    async def _apply_fault(self, request: web.Request, fault: Fault) -> web.StreamResponse | None:
+    async def _apply_fault(
+        self, request: web.Request, fault: Fault, arrived_at: float
+    ) -> web.StreamResponse | None:
         """The fault's answer, or None to continue with normal handling."""
         if fault.latency > 0:
             await asyncio.sleep(fault.latency)
@@ -339,6 +358,13 @@ class VercelSimulator:
         if fault.retry_after is not None:
             headers["Retry-After"] = fault.retry_after
         self.by_status[str(fault.status)] += 1
+        event = await _event_or_none(request)
+        installation_id = request.match_info["installation_id"]
+        answered_at = time.time()
+        refused = Refused(
+            installation_id, fault.status, fault.retry_after, arrived_at, answered_at, event
+        )
+        self.refused.append(refused)
         if fault.body is None:
             return _error_response(fault.status, "fault injected by the simulator", headers)
         content_type = _JSON if fault.body.lstrip()[:1] in (b"{", b"[") else "text/plain"
@@ -460,6 +486,15 @@ async def _read_event(request: web.Request) -> dict[str, Any]:
     if len(raw) > MAX_BODY_BYTES:
         raise _Reject(413, f"the body exceeds {MAX_BODY_BYTES} bytes")
     return _validate_body(_parse_json(raw))
+
+
+async def _event_or_none(request: web.Request) -> dict[str, Any] | None:
+    """The request body's `event` object, or None: what a refused request was about."""
+    try:
+        event = json.loads(await request.read()).get("event")
+    except (ValueError, AttributeError, web.HTTPException):
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def _parse_json(raw: bytes) -> Any:

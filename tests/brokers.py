@@ -79,6 +79,24 @@ class PrivateBroker:
             timeout=60,
         )
 
+    def ensure_healthy(self) -> None:
+        """Start the node if it is down; restart it if it lost its dead-letter supervisor.
+
+        RabbitMQ 3.10 kills a quorum queue's at-least-once dead-letter worker when the queue
+        is deleted right after it started, and after a few of those the supervisor of all such
+        workers gives up for good: every later declare of a queue that dead-letters at least
+        once (all of ours) fails with INTERNAL_ERROR until the node restarts. Tests that
+        restart the node and then delete their queues can get it there.
+        """
+        if not self.is_ready():
+            self.start()
+        elif not self.dead_letter_supervisor_alive():
+            self.restart()
+
+    def dead_letter_supervisor_alive(self) -> bool:
+        found = self.ctl("eval", "whereis(rabbit_fifo_dlx_sup).", check=False).stdout.strip()
+        return found.startswith("<")
+
     def is_ready(self) -> bool:
         """Whether the node answers the AMQP 0-9-1 header with a Connection.Start frame."""
         try:

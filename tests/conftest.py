@@ -38,8 +38,12 @@ from consumer.topology import Topology
 from consumer.vercel import VercelClient
 from consumer.worker import Worker
 from tests.brokers import PrivateBroker
+from tests.chaos import REPORTS
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# Port of the private node that fault tests break. Developers running test sessions side by side
+# on one machine give each session its own (the node is stopped when a session ends).
+PRIVATE_BROKER_PORT = int(os.environ.get("TEST_PRIVATE_BROKER_PORT", "5673"))
 TOKENS = {"icfg_alpha": "tok_alpha_s3cr3t", "icfg_beta": "tok_beta_s3cr3t"}
 
 
@@ -61,6 +65,18 @@ async def _holds(predicate: Callable[[], bool | Awaitable[bool]]) -> bool:
     return await result if inspect.isawaitable(result) else result
 
 
+def broker_connections(*columns: str) -> list[list[str]]:
+    """`rabbitmqctl list_connections COLUMNS` on the shared broker: one row of fields each."""
+    listing = subprocess.run(
+        ["rabbitmqctl", "-s", "list_connections", *columns],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return [line.split("\t") for line in listing.splitlines()]
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m consumer ARGS` as an operator would; `env` replaces the environment."""
     return subprocess.run(
@@ -71,6 +87,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         timeout=60,
         check=False,
     )
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print each chaos scenario's numbers (published, delivered, lost, ...) after the run."""
+    if REPORTS:
+        terminalreporter.section("chaos scenarios")
+        for report in REPORTS:
+            terminalreporter.write_line(report.line())
 
 
 @pytest.fixture
@@ -89,15 +113,22 @@ async def channel(amqp: AbstractConnection) -> AbstractChannel:
 
 
 @pytest.fixture(scope="session")
-def private_broker() -> Iterator[PrivateBroker]:
+def private_node() -> Iterator[PrivateBroker]:
     """A RabbitMQ node of its own, for tests that stop, restart or cut off the broker. Left
     running if it was already (another test session on this machine may be using it)."""
-    broker = PrivateBroker()
+    broker = PrivateBroker(port=PRIVATE_BROKER_PORT)
     was_running = broker.is_ready()
     broker.start()
     yield broker
     if not was_running:
         broker.stop()
+
+
+@pytest.fixture
+def private_broker(private_node: PrivateBroker) -> PrivateBroker:
+    """The private node, up and healthy for this test (an earlier one may have broken it)."""
+    private_node.ensure_healthy()
+    return private_node
 
 
 @pytest.fixture

@@ -19,6 +19,10 @@ class Clock:
     ("headers", "quota"),
     [
         ({"x-ratelimit-remaining": "7", "x-ratelimit-reset": "1030"}, Quota(7, 30.0)),
+        (
+            {"x-ratelimit-limit": "10", "x-ratelimit-remaining": "7", "x-ratelimit-reset": "1030"},
+            Quota(7, 30.0, limit=10),
+        ),
         ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1000.5"}, Quota(0, 0.5)),
         ({"x-ratelimit-remaining": "7"}, None),
         ({"x-ratelimit-remaining": "-1", "x-ratelimit-reset": "1030"}, None),
@@ -53,6 +57,18 @@ def test_after_a_reset_one_request_learns_the_new_quota() -> None:
     assert limits.wait_for("icfg_a") > 0
     limits.observe("icfg_a", Quota(5, 1.0))
     assert limits.wait_for("icfg_a") == 0.0
+
+
+def test_deferred_messages_get_successive_slots_at_the_limits_rate() -> None:
+    """With 10 requests per 5 s, messages deferred together are spaced 0.5 s apart from the
+    end of the wait; other installations have slots of their own."""
+    clock = Clock()
+    limits = InstallationLimits(clock=clock)
+    limits.observe("icfg_a", Quota(0, 5.0, limit=10))
+    assert [limits.defer("icfg_a", 5.0) for _ in range(3)] == [5.0, 5.5, 6.0]
+    assert limits.defer("icfg_b", 2.0) == 2.0
+    clock.now += 60  # long after: the slots start again from the wait
+    assert limits.defer("icfg_a", 1.0) == 1.0
 
 
 def test_a_429_blocks_the_installation_for_its_retry_after() -> None:

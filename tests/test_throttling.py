@@ -25,13 +25,14 @@ async def test_a_throttled_installation_waits_while_nineteen_others_keep_full_sp
     """One installation limited to 5 requests/s by Vercel (429 + X-RateLimit-*) and 19 free
     ones, 30 events each: all 570 free events are delivered while the throttled installation
     is still far from done; then its 30 arrive too, none dead-lettered although every message
-    had a single attempt, and after the first burst Vercel's limit is not hit again."""
+    had a single attempt, after the first burst Vercel's limit is not hit again, and each
+    throttled message waits in a retry tier about once."""
     installations = [THROTTLED] + [f"icfg_free_{n:02d}" for n in range(19)]
     for installation in installations:
         sim.set_token(installation, f"tok_{installation}")
         (tokens_dir / installation).write_text(f"tok_{installation}")
     sim.set_rate_limit(THROTTLED, limit=5, seconds=1.0)
-    relay = await start_relay(max_attempts=1, concurrency=16, retry_delays=(0.2, 0.5))
+    relay = await start_relay(max_attempts=1, concurrency=16, retry_delays=(0.2, 1, 3, 6))
     for n in range(30):
         for installation in installations:
             await publisher.publish(event(installation_id=installation, resource_id=f"r{n}"))
@@ -45,6 +46,9 @@ async def test_a_throttled_installation_waits_while_nineteen_others_keep_full_sp
     assert await drain_queue(channel, f"{relay.topology.queue}.dlq") == []
     assert sim.by_status["429"] <= 16  # only the first burst, before the quota was known
     assert '"deferred"' in relay.log_text()
+    # Deferred messages get successive slots at the installation's rate: each is put away
+    # about once, not once per window until its turn comes (57 times for 30 without slots).
+    assert relay.log_text().count('"deferred"') <= 45
 
 
 async def test_max_rps_caps_requests_per_second_overall(

@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel
 from consumer.cli import connection_name
 from consumer.publisher import EventPublisher
 from consumer.sim import Fault, VercelSimulator
-from tests.conftest import event, wait_until
+from tests.conftest import broker_connections, event, wait_until
 
 
 async def queue_depth(channel: AbstractChannel, queue: str) -> int:
@@ -22,15 +22,12 @@ async def queue_depth(channel: AbstractChannel, queue: str) -> int:
 
 def close_consumer_connections() -> int:
     """Close, from the broker's side, this process's worker connections; return how many."""
-    listing = subprocess.run(
-        ["rabbitmqctl", "-s", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
     named = f'{{"connection_name","{connection_name()}"}}'
-    pids = [line.split("\t")[0] for line in listing.splitlines() if named in line]
+    pids = [
+        pid
+        for pid, properties in broker_connections("pid", "client_properties")
+        if named in properties
+    ]
     for pid in pids:
         subprocess.run(
             ["rabbitmqctl", "-q", "close_connection", pid, "test: connection dropped"],

@@ -1,40 +1,28 @@
-"""End-to-end throughput of the relay, next to a naive baseline, against the local simulator.
+"""End-to-end throughput, latency, CPU and memory of the relay, next to what else one could run.
 
     python bench/relay_bench.py [--messages N] [--latency-ms L] [--concurrency C] [--json FILE]
+    python bench/relay_bench.py --transports      # the HTTP clients alone, side by side
+    python bench/relay_bench.py --rss-check       # the relay's peak RSS over 1,000,000 queued
 
-What is measured: how many messages per second go from a RabbitMQ work queue to the Vercel
-simulator's 201, for two contenders in the same run, on the same broker and simulator:
+All contenders run in one invocation, one after the other, against the same broker and the
+same simulator process (`python -m consumer sim`), each in processes of its own so that the
+CPU seconds (user + system, /proc/<pid>/stat) and peak RSS (VmHWM) are the contender's alone:
 
-- "relay": our worker (`consumer.cli.build_worker`) running in this process with
-  `concurrency=C`, exactly as `vercel-consumer run` wires it (JSON logs at level warning, so
-  per-message info lines are off).
-- "naive baseline": the simplest relay a person would write: an aio-pika consumer with
-  prefetch 1 that, strictly one message at a time, parses and translates the event, POSTs it
-  with one shared `httpx.AsyncClient` and acks. It is slow, so it stops after
-  min(N, 3000) messages or 30 s, whichever comes first, and its msg/s is from that sample.
+- naive baseline (a): `naive_relay.py`, consume → POST → ack strictly one at a time.
+- faststream+httpx, faststream+aiohttp (b): `faststream_relay.py`, FastStream's RabbitMQ
+  subscriber with prefetch C and one shared HTTP client at its documented best settings.
+- relay: the real `vercel-consumer run` with CONSUMER_CONCURRENCY=C; "relay x2" runs two of
+  them on the same queue (CPU summed, RSS the larger).
+- broker alone, http alone (c): the ceilings, `broker_only.py` (consume + ack, no HTTP) and
+  `http_only.py` (the relay's VercelClient posting N events, no broker).
 
-How: the simulator runs as a separate process (`python -m consumer sim`) so that it does not
-share this event loop or its CPU core. Each contender gets fresh exchange and queue names
-(`bench-<uuid>`): the topology is declared, N valid `resource.renamed` events are published
-with publisher confirms (500 in flight at a time; that publish rate is reported too), the
-simulator's counters are reset, and only then is the contender started and timed. The relay
-is done when the simulator has accepted N events and the work queue holds no ready message;
-the baseline when it has acked its sample. Both timings include connecting (and the worker's
-idempotent re-declare). Queues and exchange are deleted afterwards, and the simulator is
-stopped, also on errors and Ctrl-C.
-
-Columns: wall seconds; messages/s; CPU seconds this process spent per 1,000 messages
-(`time.process_time()`); peak RSS of this process (`ru_maxrss`, a process-wide high-water
-mark: the baseline runs first so that the relay's figure is not the baseline's). Below the
-table, per contender: the preload's publish rate, the CPU seconds per 1,000 messages of the
-simulator and of the broker (from /proc; the broker's is the whole RabbitMQ VM, whoever else
-uses it), and the most requests the simulator had open at once (its `max_in_flight`). A
-warning is printed when the simulator saw errors or more requests than messages (a
-redelivery after a lost connection, for instance).
-
-Publish-to-delivery latency is not measured: with a preloaded queue it would only measure how
-long a message waited behind the others, and the relay's translation drops `id` and `data`,
-so the simulator never sees a publish time to compare with.
+For each: a fresh topology (`bench-<uuid>`), N events preloaded with confirms, the simulator's
+counters reset, the contender started; its window opens when it is consuming (its consumer is
+registered, or it answered the `go` handshake) and closes when the simulator accepted every
+message (or `done`, for the broker alone), or at the sample cap. Then, still running, it gets
+a paced stream (a share of its own rate) to measure publish-to-delivery latency without the
+queue in front: the preloaded latency only says how long a message waited behind the others.
+bench/README.md explains the columns and shows the latest figures.
 """
 
 from __future__ import annotations
@@ -45,532 +33,553 @@ import contextlib
 import json
 import os
 import platform
-import resource
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+from urllib.parse import urlsplit
 
-import aio_pika
-import httpx
-from aio_pika.abc import AbstractConnection, AbstractQueue
+from aio_pika.abc import AbstractConnection
+from harness import (
+    AMQP_URL,
+    TOKEN,
+    Measured,
+    Process,
+    Simulator,
+    Watchdog,
+    Window,
+    bench_connection,
+    declared,
+    event_index,
+    find_broker_pid,
+    percentile,
+    preload,
+    publish_paced,
+    queue_state,
+    simulator,
+)
 
-from consumer.cli import build_worker
-from consumer.contract import example_event, parse_event
 from consumer.errors import BrokerError
-from consumer.logs import configure_logging, get_logger
-from consumer.publisher import EventPublisher
 from consumer.retry import RetryPolicy
-from consumer.settings import Settings, load_settings
-from consumer.topology import Topology, connect, declare, open_channel
-from consumer.translate import translate
-from consumer.vercel import VercelClient
+from consumer.settings import Settings
+from consumer.topology import Topology
 
-AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-INSTALLATION = "icfg_bench"
-TOKEN = "tok_bench"
-PUBLISH_BATCH = 500  # publishes in flight at once while preloading
-BASELINE_MAX_MESSAGES = 3000
-BASELINE_MAX_SECONDS = 30.0
-POLL_INTERVAL = 0.05  # seconds between progress checks while the relay runs
-STALL_TIMEOUT = 30.0  # seconds without progress before the run is abandoned
-# The bench's own connections get their own name in the broker's UI, apart from the worker's.
-CONNECTION_NAME = "relay-bench"
-
-
-# ── the simulator, in its own process ───────────────────────────────────────────────────────
+BENCH_DIR = Path(__file__).resolve().parent
+POLL_INTERVAL = 0.05  # seconds between progress checks
+PACED_FIRST_INDEX = 50_000_000  # paced events' indexes start here, apart from preloaded ones
 
 
 @dataclass(frozen=True)
-class Simulator:
-    """The simulator process and an HTTP client for its admin endpoints."""
+class Contender:
+    """How to run one contender and how to tell its progress."""
 
-    url: str
-    process: subprocess.Popen[bytes]
-    log: IO[bytes]  # its stderr
-    http: httpx.AsyncClient
-
-    async def stats(self) -> dict[str, Any]:
-        response = await self.http.get("/_sim/stats")
-        response.raise_for_status()
-        return dict(response.json())
-
-    async def reset(self) -> None:
-        (await self.http.post("/_sim/reset")).raise_for_status()
-
-    async def wait_ready(self, timeout: float = 15.0) -> None:  # noqa: ASYNC109 - a deadline
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the simulator exited with status {self.process.returncode}: {_tail(self.log)}"
-                )
-            with contextlib.suppress(httpx.TransportError):
-                await self.stats()
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the simulator did not answer on {self.url} in {timeout} s")
-            await asyncio.sleep(0.05)
+    key: str
+    label: str
+    script: str | None = None  # a bench script with the ready/go handshake; None: the relay
+    extra: tuple[str, ...] = ()
+    processes: int = 1
+    via_simulator: bool = True  # progress = the simulator's accepted count; else a `done` line
+    preloaded: bool = True
+    latency: bool = True
+    sample: int | None = None  # stop after this many messages (slow contenders)
+    env: tuple[tuple[str, str], ...] = ()  # the relay's settings that differ from relay_env
 
 
-@contextlib.contextmanager
-def simulator_process(
-    latency_ms: float,
-) -> Iterator[tuple[str, subprocess.Popen[bytes], IO[bytes]]]:
-    """Start `python -m consumer sim` on a free port; always stop it on the way out.
-
-    Its stderr goes to a temporary file, shown only if it fails to start: aiohttp logs a
-    traceback for every request whose client went away, which a disturbed run has plenty of.
-    """
-    port = _free_port()
-    command = [sys.executable, "-m", "consumer", "sim", "--port", str(port)]
-    command += ["--token", f"{INSTALLATION}={TOKEN}", "--latency-ms", str(latency_ms)]
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            yield f"http://127.0.0.1:{port}", process, log
-        finally:
-            _stop(process)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+CONTENDERS = [
+    Contender("naive", "naive baseline", "naive_relay.py", sample=3000),
+    Contender("faststream-httpx", "faststream+httpx", "faststream_relay.py", ("--client", "httpx")),
+    Contender(
+        "faststream-aiohttp", "faststream+aiohttp", "faststream_relay.py", ("--client", "aiohttp")
+    ),
+    Contender("relay", "relay"),
+    Contender("relay-x2", "relay x2 procs", processes=2),
+    Contender("broker", "broker alone", "broker_only.py", via_simulator=False, latency=False),
+    Contender("http", "http alone", "http_only.py", preloaded=False, latency=False),
+]
+TRANSPORTS = [
+    Contender(
+        f"http-{client}",
+        f"http: {client}",
+        "http_only.py",
+        ("--client", client),
+        preloaded=False,
+        latency=False,
+    )
+    for client in ("vercel", "httpx", "httpx-limits", "httpx-aiohttp", "aiohttp")
+]
+# Not in the default run: the relay as deployed by default, one JSON log line per message.
+RELAY_INFO_LOGS = Contender("relay-info", "relay, info logs", env=(("CONSUMER_LOG_LEVEL", "info"),))
+BY_KEY = {contender.key: contender for contender in [*CONTENDERS, RELAY_INFO_LOGS, *TRANSPORTS]}
 
 
-def _tail(stream: IO[bytes], limit: int = 2000) -> str:
-    stream.seek(0)
-    return stream.read().decode(errors="replace")[-limit:].strip() or "(no output)"
+@dataclass
+class Latency:
+    """Publish-to-delivery latency percentiles, in milliseconds."""
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-# ── measuring ───────────────────────────────────────────────────────────────────────────────
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of another process, from /proc (None where unavailable)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()  # fields from the 3rd on; comm may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def find_broker_pid() -> int | None:
-    """The local RabbitMQ's Erlang VM (beam.smp), to report the broker's CPU as well."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "beam.smp":
-                    return int(entry.name)
-    return None
-
-
-@dataclass(frozen=True)
-class Meter:
-    """Wall clock and CPU counters at the start of a measurement."""
-
-    pids: Mapping[str, int]
-    wall: float = field(default_factory=time.perf_counter)
-    cpu: float = field(default_factory=time.process_time)
-    others: dict[str, float | None] = field(default_factory=dict)
-
-    @classmethod
-    def start(cls, pids: Mapping[str, int]) -> Meter:
-        return cls(pids, others={name: process_cpu_seconds(pid) for name, pid in pids.items()})
-
-    def stop(self, contender: str, messages: int) -> Result:
-        others = {}
-        for name, pid in self.pids.items():
-            before, after = self.others.get(name), process_cpu_seconds(pid)
-            if before is not None and after is not None:
-                others[name] = after - before
-        return Result(
-            contender=contender,
-            messages=messages,
-            seconds=time.perf_counter() - self.wall,
-            cpu_seconds=time.process_time() - self.cpu,
-            peak_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-            other_cpu_seconds=others,
-        )
+    count: int
+    p50_ms: float
+    p99_ms: float
+    rate: float | None = None  # messages/s published, for the paced measurement
 
 
 @dataclass
 class Result:
     """One contender's figures."""
 
+    key: str
     contender: str
     messages: int
-    seconds: float
-    cpu_seconds: float
-    peak_rss_kib: int
-    other_cpu_seconds: dict[str, float]
+    measured: Measured
     preloaded: int = 0
     publish_seconds: float = 0.0
-    sim_max_in_flight: int | None = None  # the most requests the simulator had open at once
+    sim_max_in_flight: int | None = None
+    sim_stats: dict[str, Any] = field(default_factory=dict)
+    queued_latency: Latency | None = None
+    paced_latency: Latency | None = None
+    sampled: bool = False  # stopped at the sample cap or --max-seconds, not after all N
 
     @property
     def rate(self) -> float:
-        return self.messages / self.seconds if self.seconds else 0.0
+        return self.messages / self.measured.seconds if self.measured.seconds else 0.0
 
     def cpu_per_1k(self, seconds: float | None = None) -> float:
-        spent = self.cpu_seconds if seconds is None else seconds
+        spent = self.measured.cpu_seconds if seconds is None else seconds
         return spent * 1000 / self.messages if self.messages else 0.0
 
+    @property
+    def peak_rss_mb(self) -> float:
+        return self.measured.peak_rss_kib / 1024
+
     def as_json(self) -> dict[str, Any]:
-        others = {name: self.cpu_per_1k(spent) for name, spent in self.other_cpu_seconds.items()}
-        publish_rate = self.preloaded / self.publish_seconds if self.publish_seconds else 0.0
+        others = self.measured.other_cpu_seconds
         return {
             **asdict(self),
             "messages_per_second": self.rate,
             "cpu_seconds_per_1k": self.cpu_per_1k(),
-            "peak_rss_mb": self.peak_rss_kib / 1024,
-            "other_cpu_seconds_per_1k": others,
-            "publish_messages_per_second": publish_rate,
+            "peak_rss_mb": self.peak_rss_mb,
+            "other_cpu_seconds_per_1k": {k: self.cpu_per_1k(v) for k, v in others.items()},
         }
 
 
-class Watchdog:
-    """Raises TimeoutError when a progress counter has not moved for `timeout` seconds."""
-
-    def __init__(self, what: str, timeout: float = STALL_TIMEOUT) -> None:
-        self._what, self._timeout = what, timeout
-        self._last, self._since = -1, time.monotonic()
-
-    def check(self, value: int) -> None:
-        now = time.monotonic()
-        if value != self._last:
-            self._last, self._since = value, now
-        elif now - self._since > self._timeout:
-            raise TimeoutError(f"{self._what} stuck at {value} for {self._timeout:.0f} s")
-
-
-# ── topology and preload ────────────────────────────────────────────────────────────────────
-
-
-def bench_settings(args: argparse.Namespace, sim_url: str) -> Settings:
-    """Settings for one contender, with fresh exchange and queue names."""
-    name = f"bench-{uuid.uuid4().hex[:12]}"
-    return load_settings(
-        amqp_url=AMQP_URL,
-        vercel_api_url=sim_url,
-        vercel_token=TOKEN,
-        exchange=name,
-        queue=name,
-        concurrency=args.concurrency,
-        log_level="warning",
-    )
-
-
-def topology_of(settings: Settings) -> Topology:
-    """The topology `build_worker` derives from the same settings."""
-    policy = RetryPolicy(settings.retry_delays, settings.max_attempts)
-    return Topology(settings.exchange, settings.queue, policy.tiers_ms)
-
-
-@contextlib.asynccontextmanager
-async def declared(admin: AbstractConnection, topology: Topology) -> AsyncIterator[None]:
-    """Declare the topology; delete its queues and exchange afterwards, whatever happened."""
-    try:
-        channel = await admin.channel()
-        await declare(channel, topology)
-        await channel.close()
-        yield
-    finally:
-        await delete_topology(topology)
-
-
-async def bench_connection() -> AbstractConnection:
-    """A connection for the bench's own work (declare, preload, poll, delete)."""
-    return await connect(AMQP_URL, name=CONNECTION_NAME)
-
-
-async def delete_topology(topology: Topology) -> None:
-    """Delete work queue, DLQ, retry tiers and exchange, on a connection of its own."""
-    retry_queues = [topology.retry_queue(ms) for ms in topology.retry_tiers_ms]
-    async with await bench_connection() as connection:
-        channel = await connection.channel()
-        for queue in [topology.queue, topology.dead_letter_queue, *retry_queues]:
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(queue)
-        with contextlib.suppress(Exception):
-            await channel.exchange_delete(topology.exchange)
-
-
-def bench_event(index: int) -> dict[str, Any]:
-    return example_event(
-        "resource.renamed",
-        id=f"evt_bench_{index:07d}",
-        installation_id=INSTALLATION,
-        resource_id=f"res_{index}",
-    )
-
-
-async def preload(exchange: str, count: int) -> float:
-    """Publish `count` valid events with confirms, PUBLISH_BATCH at a time; return seconds."""
-    async with await bench_connection() as connection:
-        channel = await open_channel(connection)  # publisher confirms
-        publisher = EventPublisher(connection, await channel.get_exchange(exchange))
-        started = time.perf_counter()
-        for first in range(0, count, PUBLISH_BATCH):
-            batch = range(first, min(first + PUBLISH_BATCH, count))
-            await asyncio.gather(*(publisher.publish(bench_event(i)) for i in batch))
-        return time.perf_counter() - started
-
-
-# ── the contenders ──────────────────────────────────────────────────────────────────────────
+# ── one contender ───────────────────────────────────────────────────────────────────────────
 
 
 @dataclass(frozen=True)
 class Run:
-    """What a contender needs: its settings and topology, the simulator, an admin connection."""
+    """Everything one contender's run needs."""
 
-    settings: Settings
+    contender: Contender
+    options: argparse.Namespace
     topology: Topology
     sim: Simulator
     admin: AbstractConnection
-    messages: int
-    pids: Mapping[str, int]
+    others: dict[str, int]  # pids of the simulator and the broker, for their CPU
+
+    @property
+    def messages(self) -> int:
+        return min(self.options.messages, self.contender.sample or self.options.messages)
 
 
-async def run_relay(run: Run) -> Result:
-    """Our worker, in this process, until the simulator accepted every message."""
-    settings = run.settings
-    vercel = VercelClient(
-        settings.vercel_api_url,
-        timeout=settings.http_timeout,
-        max_connections=settings.concurrency,
-    )
-    worker = build_worker(settings, vercel, get_logger("bench"))
-    if worker.topology != run.topology:
-        raise RuntimeError(f"the worker's topology {worker.topology} is not the preloaded one")
-    stop = asyncio.Event()
-    meter = Meter.start(run.pids)
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        await wait_until_delivered(run, task)
-        return meter.stop(f"relay (C={settings.concurrency})", run.messages)
-    finally:
-        stop.set()
-        await task
-        await vercel.aclose()
+def fresh_topology() -> Topology:
+    name = f"bench-{uuid.uuid4().hex[:12]}"
+    defaults = Settings.model_construct()  # what the relay uses: relay_env sets neither
+    policy = RetryPolicy(defaults.retry_delays, defaults.max_attempts)
+    return Topology(name, name, policy.tiers_ms)
 
 
-async def wait_until_delivered(run: Run, worker: asyncio.Task[None]) -> None:
-    """Poll until the simulator accepted N events and the work queue has no ready message."""
+async def bench(
+    contender: Contender, options: argparse.Namespace, sim: Simulator, admin: AbstractConnection
+) -> Result:
+    """Declare, preload, reset the simulator, run the contender; delete its topology."""
+    others = {"simulator": sim.process.pid}
+    if broker_pid := find_broker_pid(urlsplit(AMQP_URL).port or 5672):
+        others["broker"] = broker_pid
+    run = Run(contender, options, fresh_topology(), sim, admin, others)
+    sent_at: dict[int, float] = {}
+    async with declared(admin, run.topology):
+        preloaded, seconds = 0, 0.0
+        if contender.preloaded:
+            preloaded = run.messages
+            seconds = await preload(run.topology.exchange, range(preloaded), sent_at)
+        await sim.reset()
+        result = await run_contender(run, sent_at)
+    result.preloaded, result.publish_seconds = preloaded, seconds
+    return result
+
+
+async def run_contender(run: Run, sent_at: dict[int, float]) -> Result:
+    """Start the contender's processes, measure its window, then its paced latency."""
+    async with contextlib.AsyncExitStack() as stack:
+        processes = [
+            await stack.enter_async_context(start_process(run, number))
+            for number in range(run.contender.processes)
+        ]
+        window, accepted_before = await open_window(run, processes)
+        messages = await until_done(run, processes, accepted_before)
+        result = Result(run.contender.key, label(run), messages, window.close())
+        # Cut short by --max-seconds, or a contender too slow to be given all N.
+        result.sampled = messages < run.messages - accepted_before
+        result.sampled |= run.messages < run.options.messages
+        if run.contender.latency and not run.options.no_latency:
+            result.queued_latency = await queued_latency(run.sim, sent_at)
+            result.paced_latency = await paced_latency(run, result.rate)
+        result.sim_stats = await run.sim.stats()
+        result.sim_max_in_flight = int(result.sim_stats["max_in_flight"])
+        return result
+
+
+def label(run: Run) -> str:
+    contender = run.contender
+    if contender.key.startswith(("relay", "faststream", "broker", "http")):
+        return f"{contender.label} (C={run.options.concurrency})"
+    return contender.label
+
+
+def start_process(run: Run, number: int) -> contextlib.AbstractAsyncContextManager[Process]:
+    contender, options = run.contender, run.options
+    name = f"{contender.label} #{number + 1}"
+    if contender.script is None:
+        return Process.started(name, relay_command(), env=relay_env(run))
+    command = [sys.executable, str(BENCH_DIR / contender.script), *contender.extra]
+    command += ["--amqp-url", AMQP_URL, "--queue", run.topology.queue, "--sim-url", run.sim.url]
+    command += ["--messages", str(run.messages), "--concurrency", str(options.concurrency)]
+    command += ["--uvloop"] if options.uvloop else []
+    return Process.started(name, command, handshake=True)
+
+
+def relay_command() -> list[str]:
+    """`vercel-consumer run`: the console script next to this Python, else `-m consumer run`."""
+    script = Path(sys.executable).parent / "vercel-consumer"
+    return [str(script), "run"] if script.exists() else [sys.executable, "-m", "consumer", "run"]
+
+
+def relay_env(run: Run) -> dict[str, str]:
+    """The relay's environment: the bench's settings, none inherited from this shell."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CONSUMER_")}
+    return {
+        **inherited,
+        "CONSUMER_AMQP_URL": AMQP_URL,
+        "CONSUMER_VERCEL_API_URL": run.sim.url,
+        "CONSUMER_VERCEL_TOKEN": TOKEN,
+        "CONSUMER_EXCHANGE": run.topology.exchange,
+        "CONSUMER_QUEUE": run.topology.queue,
+        "CONSUMER_CONCURRENCY": str(run.options.concurrency),
+        "CONSUMER_LOG_LEVEL": "warning",  # per-message info lines off, as a busy deployment
+        "CONSUMER_HEALTH_PORT": "0",  # two relays on one host must not fight over a port
+        **dict(run.contender.env),
+    }
+
+
+async def open_window(run: Run, processes: Sequence[Process]) -> tuple[Window, int]:
+    """Wait until the contender is ready to work; open its window. Returns the window and the
+    count the simulator had accepted by then (the relay may have started already)."""
+    if run.contender.script is not None:
+        for process in processes:
+            await process.expect("ready")
+        window = Window.open(processes, run.others)
+        for process in processes:
+            await process.go()
+        return window, 0
+    await wait_for_consumers(run, processes)
+    window = Window.open(processes, run.others)
+    return window, await run.sim.accepted()
+
+
+async def wait_for_consumers(run: Run, processes: Sequence[Process]) -> None:
     channel = await run.admin.channel()
-    watchdog = Watchdog("the relay's accepted count")
+    deadline = time.monotonic() + 60
     try:
-        while True:
-            if worker.done():
-                worker.result()  # raises what ended it
-                raise RuntimeError("the worker stopped before delivering every message")
-            accepted = (await run.sim.stats())["accepted"]
-            if accepted >= run.messages and await ready_count(channel, run.topology.queue) == 0:
-                return
-            watchdog.check(accepted)
-            await asyncio.sleep(POLL_INTERVAL)
+        while (await queue_state(channel, run.topology.queue))[1] < len(processes):
+            for process in processes:
+                process.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{run.contender.label} did not start consuming in 60 s")
+            await asyncio.sleep(0.01)
     finally:
         await channel.close()
 
 
-async def ready_count(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
-    declared_queue = await channel.declare_queue(queue, passive=True)
-    result = declared_queue.declaration_result
-    return int(result.message_count or 0)
+async def until_done(run: Run, processes: Sequence[Process], accepted_before: int) -> int:
+    """Wait for the contender to finish (or its sample cap); return the messages it did."""
+    if not run.contender.via_simulator:
+        await processes[0].expect("done", timeout=max(60.0, run.messages / 500))
+        return run.messages
+    watchdog = Watchdog(f"{run.contender.label}: the simulator's accepted count")
+    deadline = time.monotonic() + run.options.max_seconds
+    while True:
+        for process in processes:
+            process.check_alive()
+        done = await run.sim.accepted() - accepted_before
+        if done >= run.messages - accepted_before or time.monotonic() >= deadline:
+            return done
+        watchdog.check(done)
+        await asyncio.sleep(POLL_INTERVAL)
 
 
-async def run_baseline(run: Run) -> Result:
-    """The naive relay, on a sample of the preloaded messages."""
-    limit = min(run.messages, BASELINE_MAX_MESSAGES)
-    meter = Meter.start(run.pids)
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection, httpx.AsyncClient(base_url=run.sim.url) as http:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=1)
-        queue = await channel.get_queue(run.topology.queue)
-        deadline = time.perf_counter() + BASELINE_MAX_SECONDS
-        done = await naive_relay(queue, http, limit, deadline)
-        return meter.stop("naive baseline", done)
+# ── latency ─────────────────────────────────────────────────────────────────────────────────
 
 
-async def naive_relay(
-    queue: AbstractQueue, http: httpx.AsyncClient, limit: int, deadline: float
-) -> int:
-    """One message at a time: parse, translate, POST, ack. Returns how many it relayed."""
-    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    done = 0
-    async with queue.iterator(timeout=STALL_TIMEOUT) as messages:
-        async for message in messages:
-            request = translate(parse_event(message.body, max_bytes=256 * 1024))
-            response = await http.post(request.path, content=request.body, headers=headers)
-            response.raise_for_status()
-            await message.ack()
-            done += 1
-            if done >= limit or time.perf_counter() >= deadline:
-                break
-    return done
+async def queued_latency(sim: Simulator, sent_at: dict[int, float]) -> Latency:
+    """Latency of the preloaded messages delivered so far: mostly time spent queued."""
+    return latency_of(await sim.arrivals(), sent_at)
 
 
-Contender = Callable[[Run], Awaitable[Result]]
+async def paced_latency(run: Run, rate: float) -> Latency:
+    """Empty the queue, publish a paced stream at a share of `rate`, measure its latency."""
+    channel = await run.admin.channel()
+    await (await channel.get_queue(run.topology.queue)).purge()  # what a sample left behind
+    await channel.close()
+    paced_rate = max(1.0, rate * run.options.paced_share)
+    count = max(10, int(paced_rate * run.options.paced_seconds))
+    indexes = range(PACED_FIRST_INDEX, PACED_FIRST_INDEX + count)
+    mark, sent_at = await run.sim.accepted(), {}
+    await publish_paced(run.topology.exchange, indexes, paced_rate, sent_at)
+    watchdog = Watchdog(f"{run.contender.label}: paced deliveries")
+    while True:
+        arrivals = [a for a in await run.sim.arrivals(mark) if event_index(a[0]) in sent_at]
+        if len(arrivals) >= count:
+            return replace(latency_of(arrivals, sent_at), rate=paced_rate)
+        watchdog.check(len(arrivals))
+        await asyncio.sleep(0.2)
 
 
-async def bench(
-    contender: Contender, args: argparse.Namespace, sim: Simulator, admin: AbstractConnection
-) -> Result:
-    """Declare, preload, reset the simulator, run one contender; clean up its topology."""
-    settings = bench_settings(args, sim.url)
-    topology = topology_of(settings)
-    pids = {"simulator": sim.process.pid}
-    if broker_pid := find_broker_pid():
-        pids["broker"] = broker_pid
-    async with declared(admin, topology):
-        publish_seconds = await preload(topology.exchange, args.messages)
-        await sim.reset()
-        result = await contender(Run(settings, topology, sim, admin, args.messages, pids))
-        result.sim_max_in_flight = await check_simulator(sim, result)
-    result.preloaded, result.publish_seconds = args.messages, publish_seconds
-    return result
+def latency_of(arrivals: Sequence[tuple[str | None, float]], sent_at: dict[int, float]) -> Latency:
+    delays = sorted(
+        arrived - sent_at[index]
+        for resource_id, arrived in arrivals
+        if (index := event_index(resource_id)) in sent_at
+    )
+    return Latency(len(delays), percentile(delays, 0.5) * 1000, percentile(delays, 0.99) * 1000)
 
 
-async def check_simulator(sim: Simulator, result: Result) -> int:
-    """Warn when the simulator saw errors or duplicates; return its max_in_flight."""
-    stats = await sim.stats()
-    if stats["requests"] != stats["accepted"] or stats["accepted"] != result.messages:
-        print(
-            f"warning: {result.contender}: the simulator saw {stats} for {result.messages}"
-            " messages: errors or redeliveries disturbed this run",
-            file=sys.stderr,
-        )
-    return int(stats["max_in_flight"])
+# ── targets ─────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of issue 6's targets, as this run measured it."""
+
+    name: str
+    goal: float
+    actual: float
+    met: bool
+    unit: str = "msg/s"
+
+
+def targets(results: Sequence[Result], options: argparse.Namespace) -> list[Target]:
+    """The targets this run's rows allow checking (a row that did not run skips its target)."""
+    rows = {result.key: result for result in results}
+    relay = rows.get("relay")
+    found: list[Target] = []
+    if relay is not None and options.latency_ms == 0:
+        found += zero_latency_targets(relay, rows)
+    if relay is not None and options.latency_ms > 0:
+        concurrency_bound = options.concurrency / (options.latency_ms / 1000)
+        cpu_bound = 1000 / relay.cpu_per_1k() if relay.cpu_per_1k() else float("inf")
+        goal = 0.9 * min(concurrency_bound, cpu_bound)
+        name = f"90% of min(C/latency = {concurrency_bound:.0f}, CPU ceiling = {cpu_bound:.0f})"
+        if http := rows.get("http"):  # what the simulator allowed the HTTP client alone
+            name += f" (http alone did {http.rate:.0f})"
+        found.append(Target(name, goal, relay.rate, relay.rate >= goal))
+    for result in results:
+        if result.key.startswith("relay"):
+            rss = result.peak_rss_mb
+            name = f"{result.contender}: peak RSS < 200 MB ({options.messages} queued)"
+            found.append(Target(name, 200.0, rss, rss < 200.0, "MB"))
+    return found
+
+
+def zero_latency_targets(relay: Result, rows: dict[str, Result]) -> list[Target]:
+    found = []
+    broker, http = rows.get("broker"), rows.get("http")
+    if broker and http and broker.rate and http.rate:
+        combined = 1 / (1 / broker.rate + 1 / http.rate)
+        name = f"80% of 1/(1/B + 1/H) = {combined:.0f} (B {broker.rate:.0f}, H {http.rate:.0f})"
+        found.append(Target(name, 0.8 * combined, relay.rate, relay.rate >= 0.8 * combined))
+    if naive := rows.get("naive"):
+        goal = 5 * naive.rate
+        found.append(Target("5x the naive baseline", goal, relay.rate, relay.rate >= goal))
+    faststream = [row for key, row in rows.items() if key.startswith("faststream")]
+    if faststream:
+        best = max(faststream, key=lambda row: row.rate)
+        goal = 1.5 * best.rate
+        name = f"1.5x the best FastStream row ({best.contender})"
+        found.append(Target(name, goal, relay.rate, relay.rate >= goal))
+    return found
 
 
 # ── report ──────────────────────────────────────────────────────────────────────────────────
 
 
-def table(results: list[Result]) -> str:
+def table(results: Sequence[Result]) -> str:
     lines = [
-        f"{'contender':<16} {'messages':>8} {'seconds':>8} {'msg/s':>8}"
-        f" {'cpu s/1k msgs':>14} {'peak RSS MB':>12}"
+        f"{'contender':<27} {'messages':>8} {'seconds':>8} {'msg/s':>8}"
+        f" {'p50 ms':>7} {'p99 ms':>7} {'cpu s/1k':>9} {'RSS MB':>7}"
     ]
     for r in results:
+        paced = r.paced_latency
+        p50, p99 = (f"{paced.p50_ms:7.1f}", f"{paced.p99_ms:7.1f}") if paced else ("-", "-")
         lines.append(
-            f"{r.contender:<16} {r.messages:>8} {r.seconds:>8.2f} {r.rate:>8.1f}"
-            f" {r.cpu_per_1k():>14.3f} {r.peak_rss_kib / 1024:>12.1f}"
+            f"{r.contender:<27} {r.messages:>8} {r.measured.seconds:>8.2f} {r.rate:>8.0f}"
+            f" {p50:>7} {p99:>7} {r.cpu_per_1k():>9.3f} {r.peak_rss_mb:>7.1f}"
         )
     return "\n".join(lines)
 
 
-def notes(relay: Result, baseline: Result) -> list[str]:
-    ratio = relay.rate / baseline.rate if baseline.rate else float("inf")
-    lines = [f"ratio relay/baseline: {ratio:.1f}x"]
-    if baseline.messages < baseline.preloaded:
-        lines.append(
-            f"naive baseline: a sample of {baseline.messages} of {baseline.preloaded} messages"
-            f" (it stops at {BASELINE_MAX_MESSAGES} messages or {BASELINE_MAX_SECONDS:.0f} s)"
-        )
-    for r in (relay, baseline):
+def notes(results: Sequence[Result]) -> list[str]:
+    lines = []
+    for r in results:
         others = ", ".join(
-            f"{name} {r.cpu_per_1k(spent):.3f}" for name, spent in r.other_cpu_seconds.items()
+            f"{name} {r.cpu_per_1k(spent):.3f}"
+            for name, spent in r.measured.other_cpu_seconds.items()
         )
-        lines += [
-            f"{r.contender}:",
-            f"  preload: {r.preloaded} msgs published in {r.publish_seconds:.2f} s"
-            f" ({r.preloaded / r.publish_seconds:.0f} msg/s; confirms, {PUBLISH_BATCH} in flight)",
-            f"  cpu s/1k msgs of the other processes: {others or 'n/a'}",
-            f"  most requests the simulator had open at once: {r.sim_max_in_flight}",
-        ]
+        line = f"{r.contender}: other processes' cpu s/1k: {others or 'n/a'}"
+        if r.sim_max_in_flight is not None and r.key != "broker":
+            line += f"; most requests open at once: {r.sim_max_in_flight}"
+        if r.preloaded:
+            line += f"; preload {r.preloaded / r.publish_seconds:.0f} msg/s"
+        if r.sampled:
+            line += f"; a sample (stopped at {r.messages} messages or --max-seconds)"
+        if r.paced_latency and r.queued_latency:
+            q, p = r.queued_latency, r.paced_latency
+            line += (
+                f"; latency paced at {p.rate:.0f} msg/s (p50/p99 above), preloaded"
+                f" p50 {q.p50_ms / 1000:.1f} s p99 {q.p99_ms / 1000:.1f} s"
+            )
+        lines.append(line)
     return lines
 
 
+def warnings(results: Sequence[Result]) -> list[str]:
+    """Runs in which the simulator answered other than 201, or saw more requests than it
+    accepted (redeliveries; a sample cut short may leave a few requests in flight)."""
+    found = []
+    for r in results:
+        stats = r.sim_stats
+        if r.key == "broker" or not stats:
+            continue
+        errors = set(stats["by_status"]) - {"201"}
+        duplicates = stats["requests"] != stats["accepted"] and not r.sampled
+        if errors or duplicates:
+            found.append(f"warning: {r.contender}: the simulator saw {stats}")
+    return found
+
+
+def target_lines(found: Sequence[Target]) -> list[str]:
+    return [
+        f"{'met    ' if t.met else 'NOT MET'} {t.name}: {t.actual:.0f} {t.unit}"
+        f" (goal {'<' if t.unit == 'MB' else '>='} {t.goal:.0f})"
+        for t in found
+    ]
+
+
 def machine_info() -> dict[str, Any]:
+    packages = ("aio-pika", "httpx", "httpx-aiohttp", "aiohttp", "faststream", "uvloop")
+    installed = {}
+    for package in packages:
+        with contextlib.suppress(Exception):
+            installed[package] = version(package)
     return {
         "nproc": os.cpu_count(),
+        "load_average": os.getloadavg(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "aio_pika": version("aio-pika"),
-        "httpx": version("httpx"),
-        "aiohttp": version("aiohttp"),
+        "packages": installed,
     }
 
 
-def write_json(path: Path, args: argparse.Namespace, results: list[Result]) -> None:
-    relay, baseline = results
+def write_json(path: Path, options: argparse.Namespace, results: Sequence[Result]) -> None:
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "options": {k: v for k, v in vars(args).items() if k != "json"},
+        "options": {k: v for k, v in vars(options).items() if k != "json"},
         "machine": machine_info(),
         "results": [r.as_json() for r in results],
-        "ratio_relay_to_baseline": relay.rate / baseline.rate if baseline.rate else None,
+        "targets": [asdict(t) for t in targets(results, options)],
     }
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 # ── main ────────────────────────────────────────────────────────────────────────────────────
 
 
-async def run_all(args: argparse.Namespace) -> list[Result]:
-    """Both contenders, baseline first (see peak RSS), against one simulator process."""
-    with simulator_process(args.latency_ms) as (url, process, log):
-        async with httpx.AsyncClient(base_url=url) as http:
-            sim = Simulator(url, process, log, http)
-            await sim.wait_ready()
-            admin = await bench_connection()
-            async with admin:
-                baseline = await bench(run_baseline, args, sim, admin)
-                relay = await bench(run_relay, args, sim, admin)
-    return [relay, baseline]
+async def run_all(options: argparse.Namespace) -> list[Result]:
+    """Every chosen contender in turn, against one simulator process."""
+    results = []
+    async with simulator(options.latency_ms) as sim, await bench_connection() as admin:
+        for key in options.contenders:
+            print(f"… {BY_KEY[key].label}", file=sys.stderr, flush=True)
+            results.append(await bench(BY_KEY[key], options, sim, admin))
+    return results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=20_000, help="N events per contender")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="simulator latency")
-    parser.add_argument("--concurrency", type=int, default=64, help="the relay's concurrency")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    if args.messages < 1 or args.latency_ms < 0:
-        parser.error("--messages must be at least 1 and --latency-ms not negative")
-    return args
+    add = parser.add_argument
+    add("--messages", type=int, default=100_000, help="N events per contender")
+    add("--latency-ms", type=float, default=0.0, help="latency the simulator adds")
+    add("--concurrency", type=int, default=64, help="C, the contenders' concurrency")
+    add(
+        "--contenders",
+        type=_keys,
+        default=[c.key for c in CONTENDERS],
+        help=f"comma-separated, of: {', '.join(BY_KEY)}",
+    )
+    add("--max-seconds", type=float, default=60.0, help="sample cap for each contender's run")
+    add("--paced-share", type=float, default=0.3, help="paced rate, as a share of the run's")
+    add("--paced-seconds", type=float, default=5.0, help="how long the paced stream lasts")
+    add("--no-latency", action="store_true", help="skip the latency measurements")
+    add("--uvloop", action="store_true", help="the bench's own contender scripts on uvloop")
+    add("--transports", action="store_true", help="only the HTTP clients, each alone")
+    add(
+        "--rss-check",
+        action="store_true",
+        help="only the relay, over 1,000,000 queued messages (unless --messages), no latency",
+    )
+    add("--json", type=Path, help="also write the figures to this file")
+    options = parser.parse_args(argv)
+    if options.transports:
+        options.contenders = [c.key for c in TRANSPORTS]
+    if options.rss_check:
+        options.contenders, options.no_latency = ["relay"], True
+        if "--messages" not in (argv if argv is not None else sys.argv):
+            options.messages = 1_000_000
+    if options.messages < 1 or options.latency_ms < 0 or options.concurrency < 1:
+        parser.error("--messages and --concurrency must be at least 1, --latency-ms not negative")
+    return options
+
+
+def _keys(value: str) -> list[str]:
+    keys = [key.strip() for key in value.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in BY_KEY]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown contender(s): {', '.join(unknown)}")
+    return keys
 
 
 def main() -> None:
-    args = parse_args()
-    configure_logging("json", "warning")
+    options = parse_args()
     print(
-        f"relay bench: {args.messages} messages, simulator latency {args.latency_ms:g} ms,"
-        f" relay concurrency {args.concurrency}, {os.cpu_count()} cores",
+        f"relay bench: {options.messages} messages, simulator latency {options.latency_ms:g} ms,"
+        f" concurrency {options.concurrency}, {os.cpu_count()} cores,"
+        f" load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     try:
-        results = asyncio.run(run_all(args))
+        results = asyncio.run(run_all(options))
     except BrokerError as exc:
         sys.exit(f"relay_bench: {exc} (is RabbitMQ running? see scripts/rabbitmq)")
     except KeyboardInterrupt:
         sys.exit(130)
     print(table(results))
-    print("\n".join(notes(*results)))
-    if args.json:
-        write_json(args.json, args, results)
+    print("\n".join(notes(results) + warnings(results)))
+    print("\n".join(target_lines(targets(results, options))))
+    if options.json:
+        write_json(options.json, options, results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The package's one exception tree, and the dead-letter reasons its leaves map to.
 
-Third-party errors (aio-pika, aiormq, httpx, pydantic) never leave the adapter that met them:
+Third-party errors (aio-pika, aiormq, aiohttp, pydantic) never leave the adapter that met them:
 they are mapped here, at the edge, so that the handler decides on our types alone.
 
 ```

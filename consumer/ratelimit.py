@@ -37,7 +37,7 @@ class Quota:
 
 def parse_quota(headers: Mapping[str, str], *, now: float | None = None) -> Quota | None:
     """`X-RateLimit-Remaining` and `X-RateLimit-Reset` (epoch seconds), or None if either is
-    missing or unusable. `headers` must look names up case-insensitively (as httpx's do)."""
+    missing or unusable. `headers` must look names up case-insensitively (as aiohttp's do)."""
     remaining = headers.get("x-ratelimit-remaining", "").strip()
     reset = headers.get("x-ratelimit-reset", "").strip()
     if not remaining.isdigit():

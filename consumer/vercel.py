@@ -3,26 +3,24 @@
 2xx → `Delivered`; 429 → `VercelThrottled`; 408, 425, 5xx, network errors, timeouts and answers
 that are not HTTP → `VercelUnavailable` (with `Retry-After` parsed); any other status →
 `VercelRejected`. The installation's quota (`X-RateLimit-*`) rides along on `Delivered` and
-`VercelThrottled`. httpx's and aiohttp's exceptions stop here. `CONSUMER_HTTP_TIMEOUT` bounds
-the whole call.
+`VercelThrottled`. aiohttp's exceptions stop here. `CONSUMER_HTTP_TIMEOUT` bounds the whole
+call.
 
-The client is built once and shared; its connection pool is sized to the worker's concurrency
-and keeps connections alive between events. It speaks httpx's API over aiohttp's connection
-pool (`httpx-aiohttp`): httpcore's pool scans every pooled connection on every request, which
-at 64 in flight cost 7 ms of CPU per event (141 events/s against a 50 ms Vercel, where
-aiohttp's pool did 1,198/s at 0.45 ms; bench/README.md). Pass `transport=` to use another.
+The client is built once and shared: one aiohttp session whose pool is sized to the worker's
+concurrency and keeps connections alive between events. Plain aiohttp, because the HTTP client
+is most of the relay's CPU: per request it costs about 0.09 ms of CPU where httpx on aiohttp's
+pool (httpx-aiohttp) costs 0.23 ms and httpx on its own pool 1 to 2.7 ms (bench/README.md).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
-import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 from consumer import __version__
 from consumer.errors import VercelRejected, VercelThrottled, VercelUnavailable
@@ -48,94 +46,82 @@ class Delivered:
 class VercelClient:
     """POSTs Create Event requests to one Vercel API base URL."""
 
-    def __init__(
-        self,
-        api_url: str,
-        *,
-        timeout: float = 10.0,
-        max_connections: int = 64,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, api_url: str, *, timeout: float = 10.0, max_connections: int = 64) -> None:
+        self._api_url = api_url.rstrip("/")
         self._timeout = timeout
-        self._client = httpx.AsyncClient(
-            base_url=api_url,
-            timeout=timeout,
-            headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
-            follow_redirects=False,
-            transport=transport or _pooled_transport(max_connections),
-        )
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None  # made in the running event loop
 
     async def send(
         self, request: VercelRequest, token: str, extra_headers: Mapping[str, str] | None = None
     ) -> Delivered:
-        """Deliver one event; raise VercelRejected or VercelUnavailable when it was not.
-        `extra_headers` (such as `traceparent`) are sent along."""
+        """Deliver one event; raise VercelRejected, VercelThrottled or VercelUnavailable when it
+        was not. `extra_headers` (such as `traceparent`) are sent along."""
+        # The path is already percent-encoded (translate.events_path): sent exactly as it is.
+        url = URL(self._api_url + request.path, encoded=True)
         headers = {"Authorization": f"Bearer {token}"}
         if extra_headers:
             headers = {**extra_headers, **headers}
         try:
-            async with (
-                asyncio.timeout(self._timeout),
-                self._client.stream(
-                    "POST", request.path, content=request.body, headers=headers
-                ) as response,
-            ):
-                # Read the body (empty on success) so the connection goes back to the pool: an
-                # unread response closes it, and against HTTPS that costs a handshake per event.
-                # Bounded: a runaway body only costs that connection.
-                body = await _read_at_most(response, _MAX_BODY_READ)
-                if response.is_success:
+            async with self._open().post(url, data=request.body, headers=headers) as response:
+                # Read the body (empty on success) so the connection goes back to the pool.
+                # Bounded: a runaway body only costs that connection, which is then closed.
+                body = await _read_at_most(response.content, _MAX_BODY_READ)
+                if 200 <= response.status < 300:
                     vercel_id = response.headers.get("x-vercel-id")
-                    return Delivered(response.status_code, vercel_id, parse_quota(response.headers))
-        except (httpx.HTTPError, aiohttp.ClientError, TimeoutError) as exc:
+                    return Delivered(response.status, vercel_id, parse_quota(response.headers))
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_failure(exc) from None
-        raise _failure(response, body)
+        raise _failure(response.status, response.headers, body)
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
+                cookie_jar=aiohttp.DummyCookieJar(),  # an API client keeps no cookies
+                auto_decompress=False,  # only the first bytes of an error are ever read
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
-def _pooled_transport(max_connections: int) -> httpx.AsyncBaseTransport:
-    """aiohttp's pool, keeping every connection it may open alive between events."""
-    limits = httpx.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections
-    )
-    return AiohttpTransport(limits=limits)
-
-
-async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
     chunks = bytearray()
-    async for chunk in response.aiter_raw():
+    while len(chunks) < limit and (chunk := await stream.read(limit - len(chunks))):
         chunks += chunk
-        if len(chunks) >= limit:
-            break
-    return bytes(chunks[:limit])
+    return bytes(chunks)
 
 
-def _failure(response: httpx.Response, body: bytes) -> VercelRejected | VercelUnavailable:
-    status = response.status_code
-    vercel_id = response.headers.get("x-vercel-id")
+def _failure(
+    status: int, headers: Mapping[str, str], body: bytes
+) -> VercelRejected | VercelThrottled | VercelUnavailable:
+    vercel_id = headers.get("x-vercel-id")
     detail = f"HTTP {status} from Vercel: {_error_summary(body)}"
     if status == THROTTLED:
-        return _throttled(response, detail)
+        return _throttled(headers, detail)
     if status in RETRYABLE_STATUSES or status >= 500 or status < 400:
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        retry_after = parse_retry_after(headers.get("retry-after"))
         return VercelUnavailable(
             detail, status=status, vercel_id=vercel_id, retry_after=retry_after
         )
     return VercelRejected(detail, status=status, vercel_id=vercel_id)
 
 
-def _throttled(response: httpx.Response, detail: str) -> VercelThrottled:
+def _throttled(headers: Mapping[str, str], detail: str) -> VercelThrottled:
     """A 429: wait for Retry-After, or else until the quota resets."""
-    quota = parse_quota(response.headers)
-    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    quota = parse_quota(headers)
+    retry_after = parse_retry_after(headers.get("retry-after"))
     if retry_after is None and quota is not None:
         retry_after = quota.reset_in
     return VercelThrottled(
         detail,
         status=THROTTLED,
-        vercel_id=response.headers.get("x-vercel-id"),
+        vercel_id=headers.get("x-vercel-id"),
         retry_after=retry_after,
     )
 
@@ -143,7 +129,7 @@ def _throttled(response: httpx.Response, detail: str) -> VercelThrottled:
 def _error_summary(body: bytes) -> str:
     """Vercel's `{"error": {"code", "message"}}` as `code: message`, else the body's start."""
     try:
-        error = orjson.loads(body)["error"]
+        error: Any = orjson.loads(body)["error"]
         return f"{error['code']}: {error['message']}"
     except (orjson.JSONDecodeError, KeyError, TypeError):
         text = body.decode("utf-8", errors="replace").strip()
@@ -151,17 +137,11 @@ def _error_summary(body: bytes) -> str:
 
 
 def _transport_failure(exc: BaseException) -> VercelUnavailable:
-    # httpx-aiohttp re-raises aiohttp's errors as httpx ones, not always aptly (a dropped
-    # connection becomes ConnectTimeout): describe the original.
-    if isinstance(exc, TimeoutError):  # our deadline for the whole call
-        return VercelUnavailable("timed out talking to Vercel (CONSUMER_HTTP_TIMEOUT)")
-    cause = exc.__cause__ or exc
-    timed_out = isinstance(cause, TimeoutError) or (
-        isinstance(exc, httpx.TimeoutException) and not isinstance(cause, aiohttp.ClientError)
-    )
-    if timed_out:
-        return VercelUnavailable(f"timed out talking to Vercel ({type(cause).__name__})")
-    return VercelUnavailable(f"could not reach Vercel: {_describe(cause)}")
+    if isinstance(exc, TimeoutError):  # the session's total timeout, or a socket's
+        return VercelUnavailable(
+            f"timed out talking to Vercel (CONSUMER_HTTP_TIMEOUT; {type(exc).__name__})"
+        )
+    return VercelUnavailable(f"could not reach Vercel: {_describe(exc)}")
 
 
 def _describe(exc: BaseException) -> str:

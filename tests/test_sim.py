@@ -228,6 +228,20 @@ async def test_admin_fault_is_reflected_in_stats_and_accepted(client: httpx.Asyn
     assert (await client.get("/_sim/accepted", params={"since": 1})).json()["accepted"] == []
 
 
+async def test_admin_arrivals_lists_resource_ids_and_arrival_times(
+    client: httpx.AsyncClient,
+) -> None:
+    """/_sim/arrivals gives each accepted event's resourceId and arrival time, from `since`."""
+    before = time.time()
+    assert (await post_event(client)).status_code == 201
+    arrivals = (await client.get("/_sim/arrivals")).json()
+    assert arrivals["count"] == 1
+    [[resource_id, received_at]] = arrivals["arrivals"]
+    assert resource_id == RESOURCE_EVENT["event"]["resourceId"]
+    assert before <= received_at <= time.time()
+    assert (await client.get("/_sim/arrivals", params={"since": 1})).json()["arrivals"] == []
+
+
 async def test_admin_reset_and_clear_faults(
     sim: VercelSimulator, client: httpx.AsyncClient
 ) -> None:

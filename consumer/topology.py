@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +74,11 @@ def broker_errors(action: str) -> Iterator[None]:
         raise BrokerError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
     except TimeoutError as exc:
         raise BrokerError(f"{action} timed out") from exc
+
+
+def connection_name() -> str:
+    """How the broker's management UI names this process's connection: host (the pod) and pid."""
+    return f"vercel-consumer {socket.gethostname()} pid {os.getpid()}"
 
 
 async def connect(url: str, *, name: str = "vercel-consumer") -> AbstractConnection:

@@ -8,9 +8,9 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
-from consumer.cli import connection_name
 from consumer.publisher import EventPublisher
 from consumer.sim import Fault, VercelSimulator
+from consumer.topology import connection_name
 from tests.conftest import broker_connections, event, wait_until
 
 

@@ -139,6 +139,7 @@ def build_worker(
         consuming=lambda: worker.consuming,
         reconnects=lambda: worker.reconnects,
         token_reloads=lambda: tokens.reloads,
+        throttled_installations=limits.throttled,
         circuit_state=lambda: breaker.state.value,
     )
     return worker

@@ -73,20 +73,25 @@ def redeliveries(headers: Mapping[str, Any] | None) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def retry_age(headers: Mapping[str, Any] | None, now: datetime) -> float:
-    """Seconds since the message's first attempt; 0 when this is it (or the stamp is bad)."""
-    stamp = (headers or {}).get(FIRST_ATTEMPT_AT)
+def header_time(headers: Mapping[str, Any] | None, name: str) -> datetime | None:
+    """A time stamp header as `rfc3339` wrote it, read back (no offset: UTC); None when absent
+    or unreadable."""
+    stamp = (headers or {}).get(name)
     if isinstance(stamp, bytes):
         stamp = stamp.decode("utf-8", errors="replace")
     if not isinstance(stamp, str):
-        return 0.0
+        return None
     try:
-        first = datetime.fromisoformat(stamp)
+        moment = datetime.fromisoformat(stamp)
     except ValueError:
-        return 0.0
-    if first.tzinfo is None:
-        first = first.replace(tzinfo=UTC)
-    return max(0.0, (now - first).total_seconds())
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def retry_age(headers: Mapping[str, Any] | None, now: datetime) -> float:
+    """Seconds since the message's first attempt; 0 when this is it (or the stamp is bad)."""
+    first = header_time(headers, FIRST_ATTEMPT_AT)
+    return 0.0 if first is None else max(0.0, (now - first).total_seconds())
 
 
 def truncate_utf8(text: str, limit: int = MAX_DETAIL_BYTES) -> str:

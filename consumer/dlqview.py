@@ -34,6 +34,7 @@ from consumer.deadletter import (
     REPLAY_COUNT,
     REPLAYED_AT,
     attempts_made,
+    header_time,
     rfc3339,
 )
 from consumer.errors import ConfigError, Reason
@@ -164,12 +165,8 @@ def _detail_of(headers: Mapping[str, Any]) -> str:
 
 def dead_lettered_at(headers: Mapping[str, Any]) -> datetime | None:
     """When it entered the DLQ: our `dead-lettered-at`, else the newest `x-death` time."""
-    stamp = headers.get(DEAD_LETTERED_AT)
-    if isinstance(stamp, str):
-        try:
-            return _aware(datetime.fromisoformat(stamp))
-        except ValueError:
-            return None
+    if isinstance(headers.get(DEAD_LETTERED_AT), str):
+        return header_time(headers, DEAD_LETTERED_AT)
     moment = _latest_death(headers).get("time")
     return _aware(moment) if isinstance(moment, datetime) else None
 

@@ -116,14 +116,17 @@ class Metrics:
         consuming: Sample,
         reconnects: Sample,
         token_reloads: Sample,
+        throttled_installations: Sample,
         circuit_state: Callable[[], str],
     ) -> None:
-        """Read these at each scrape (from the worker, the token store and the breaker)."""
+        """Read these at each scrape (from the worker, the token store, the rate limiter and
+        the breaker)."""
         self._sampled.sources = {
             "in_flight": in_flight,
             "consuming": consuming,
             "broker_reconnects": reconnects,
             "token_reloads": token_reloads,
+            "throttled_installations": throttled_installations,
         }
         self._sampled.circuit_state = circuit_state
 
@@ -176,6 +179,11 @@ _SAMPLED: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str], 
         "token_reloads",
         CounterMetricFamily,
         "Token files (re-)read: once per installation, then once per rotation.",
+    ),
+    (
+        "throttled_installations",
+        GaugeMetricFamily,
+        "Installations Vercel's rate limit holds back right now (429, or quota spent).",
     ),
 )
 

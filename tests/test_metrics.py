@@ -200,6 +200,22 @@ async def test_a_rate_limited_call_counts_as_deferred(
     assert sample(await scrape(health.url), DELIVERIES, **labels) == 1
 
 
+async def test_a_throttled_installation_shows_until_its_retry_after_passes(
+    start_relay: Any, serve_health: Any, sim: VercelSimulator, publisher: EventPublisher
+) -> None:
+    """After a 429 with Retry-After 30 its installation counts as throttled; the others not."""
+    relay = await start_relay()
+    health = await serve_health(relay)
+    throttled = "vercel_consumer_throttled_installations"
+    assert sample(await scrape(health.url), throttled) == 0
+    sim.add_fault(Fault(status=429, retry_after="30", installation="icfg_alpha", times=1))
+    await publisher.publish(event(installation_id="icfg_alpha"))
+    await publisher.publish(event(installation_id="icfg_beta"))
+    await wait_until(lambda: sim.by_status["429"] == 1 and len(sim.accepted) == 1)
+    await wait_until(lambda: '"deferred"' in relay.log_text())
+    assert sample(await scrape(health.url), throttled) == 1
+
+
 async def test_circuit_state_and_readiness_follow_the_breaker(
     start_relay: Any, serve_health: Any, sim: VercelSimulator, publisher: EventPublisher
 ) -> None:

@@ -22,7 +22,7 @@ import httpx
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from consumer.contract import example_event
-from consumer.publisher import EventPublisher
+from consumer.publish.publisher import EventPublisher
 from consumer.topology import Topology, connect, declare, open_channel
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -1,9 +1,10 @@
-"""`vercel-consumer`: the only place that reads settings, configures logging and wires parts.
+"""`vercel-consumer`: argument parsing; with consumer/dlq/cli.py the only place that reads
+settings (consumer/app.py wires the parts).
 
 Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (one domain event),
 `schema` (print the contract's JSON Schema), and `dlq stats|list|replay|purge|import`
-(dead-letter operations: their commands are in consumer/dlqcli.py, the mechanics in
-consumer/dlq.py, the runbook in docs/operations.md). Bad configuration or input ends with one
+(dead-letter operations: their commands are in consumer/dlq/cli.py, the mechanics in
+consumer/dlq/ops.py, the runbook in docs/operations.md). Bad configuration or input ends with one
 line on stderr and exit status 2; an unreachable broker, a missing queue or a failed operation
 with exit status 1.
 """
@@ -13,36 +14,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aio_pika.abc import AbstractChannel
-
 from consumer import __version__
-from consumer.breaker import CircuitBreaker
-from consumer.breaker import State as BreakerState
+from consumer.app import serve
 from consumer.contract import example_event, json_schema
-from consumer.deadletter import Republisher
-from consumer.depths import DepthSampler
-from consumer.dlqcli import add_dlq_parser
+from consumer.dlq.cli import add_dlq_parser
 from consumer.errors import BrokerError, ConfigError, ContractError
-from consumer.handler import Handler
-from consumer.health import HealthServer
-from consumer.logs import configure_logging, get_logger
-from consumer.metrics import Metrics
-from consumer.publisher import EventPublisher
-from consumer.ratelimit import InstallationLimits, RequestRate
-from consumer.retry import RetryPolicy
+from consumer.logs import configure_logging
+from consumer.publish.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
-from consumer.tokens import TokenStore
-from consumer.topology import Topology, connect, connection_name
-from consumer.vercel import VercelClient
-from consumer.worker import MessageHandler, SessionTask, Worker
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -91,149 +76,6 @@ def run_command(_: argparse.Namespace) -> None:
     asyncio.run(serve(settings))
 
 
-def build_worker(
-    settings: Settings, vercel: VercelClient, log: Any, metrics: Metrics | None = None
-) -> Worker:
-    """Wire the worker's collaborators from settings, recording into `metrics` (or a new one)."""
-    metrics = Metrics() if metrics is None else metrics
-    policy = RetryPolicy(
-        settings.retry_delays, settings.max_attempts, max_age=settings.max_retry_age
-    )
-    topology = Topology(settings.exchange, settings.queue, policy.tiers_ms)
-    fallback = settings.vercel_token.get_secret_value() if settings.vercel_token else None
-    tokens = TokenStore(settings.vercel_tokens_dir, fallback)
-    breaker = build_breaker(settings, log)
-    limits = InstallationLimits()
-    rate = RequestRate(settings.max_rps)
-
-    def make_handler(channel: AbstractChannel) -> MessageHandler:
-        return Handler(
-            vercel=vercel,
-            tokens=tokens,
-            policy=policy,
-            republisher=Republisher(channel, topology),
-            breaker=breaker,
-            limits=limits,
-            rate=rate,
-            max_body_bytes=settings.max_body_bytes,
-            max_redeliveries=settings.max_redeliveries,
-            log=log,
-            metrics=metrics,
-        )
-
-    amqp_url = settings.amqp_url.get_secret_value()
-    name = connection_name()
-    worker = Worker(
-        connect=lambda: connect(amqp_url, name=name),
-        topology=topology,
-        make_handler=make_handler,
-        breaker=breaker,
-        concurrency=settings.concurrency,
-        shutdown_timeout=settings.shutdown_timeout,
-        log=log,
-        session_task=_depth_sampling(settings, topology, metrics, log),
-    )
-    metrics.concurrency_limit.set(settings.concurrency)
-    metrics.sample_from(
-        in_flight=lambda: worker.in_flight,
-        consuming=lambda: worker.consuming,
-        reconnects=lambda: worker.reconnects,
-        token_reloads=lambda: tokens.reloads,
-        throttled_installations=limits.throttled,
-        circuit_state=lambda: breaker.state.value,
-    )
-    return worker
-
-
-def _depth_sampling(
-    settings: Settings, topology: Topology, metrics: Metrics, log: Any
-) -> SessionTask | None:
-    """The queue-depth poller run alongside each broker session; None when switched off."""
-    interval = settings.queue_depth_interval
-    if interval <= 0:
-        return None
-    sampler = DepthSampler(topology, metrics, log)
-    return lambda connection: sampler.watch(connection, interval)
-
-
-def build_breaker(settings: Settings, log: Any) -> CircuitBreaker:
-    def log_change(previous: BreakerState, state: BreakerState, why: str) -> None:
-        level = log.info if state is BreakerState.CLOSED else log.warning
-        level("circuit breaker", circuit=state.value, previous=previous.value, why=why)
-
-    return CircuitBreaker(
-        window=settings.breaker_window,
-        failure_ratio=settings.breaker_failure_ratio,
-        probe_delays=settings.breaker_probe_delays,
-        on_change=log_change,
-    )
-
-
-async def serve(settings: Settings) -> None:
-    """Run the worker and its health endpoint until SIGTERM/SIGINT; a second signal exits at
-    once."""
-    log = get_logger("consumer")
-    metrics = Metrics()
-    vercel = VercelClient(
-        settings.vercel_api_url,
-        timeout=settings.http_timeout,
-        max_connections=settings.concurrency,
-    )
-    worker = build_worker(settings, vercel, log, metrics)
-    stop = asyncio.Event()
-    _install_signal_handlers(stop, log)
-    log.info(
-        "starting",
-        version=__version__,
-        amqp_url=settings.amqp_url_redacted,
-        vercel_api_url=settings.vercel_api_url,
-        queue=settings.queue,
-        concurrency=settings.concurrency,
-    )
-    health: HealthServer | None = None
-    try:
-        health = await start_health(settings, worker, metrics, log)
-        await worker.run(stop)
-    finally:
-        if health is not None:  # after the drain: /readyz says shutting_down until the end
-            await health.stop()
-        await vercel.aclose()
-
-
-async def start_health(
-    settings: Settings, worker: Worker, metrics: Metrics, log: Any
-) -> HealthServer | None:
-    """Serve /livez, /readyz and /metrics on CONSUMER_HEALTH_PORT (None when it is 0)."""
-    if settings.health_port == 0:
-        return None
-    health = HealthServer(worker.readiness, metrics)
-    host, port = settings.health_host, settings.health_port
-    try:
-        url = await health.start(host, port)
-    except OSError as exc:  # the port is taken, or the host is not ours
-        raise ConfigError(
-            f"cannot serve the health endpoint on {host}:{port} "
-            f"(CONSUMER_HEALTH_HOST, CONSUMER_HEALTH_PORT): {exc.strerror}"
-        ) from None
-    log.info("health endpoint", url=url, paths=["/livez", "/readyz", "/metrics"])
-    return health
-
-
-def _install_signal_handlers(stop: asyncio.Event, log: Any) -> None:
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            # Second signal: leave at once. Nothing unfinished was acked; the broker redelivers.
-            log.warning("second signal; exiting now", signal=signal.Signals(signum).name)
-            os._exit(128 + signum)
-        log.info("shutting down", signal=signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-
-
 # ── sim ──────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -254,7 +96,9 @@ def _add_sim_parser(commands: Any) -> None:
 
 
 def sim_command(args: argparse.Namespace) -> None:
-    from consumer.sim import serve as serve_simulator  # only this command needs the server
+    from consumer.testing.vercel_sim import (
+        serve as serve_simulator,  # only this command needs the server
+    )
 
     tokens = dict(_split_pair(pair) for pair in args.token)
     coroutine = serve_simulator(

@@ -8,7 +8,7 @@ default exchange. Only when the broker has confirmed may the caller ack the orig
 Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
 `original-routing-key`, `last-error` (retries), `dead-letter-reason`, `dead-letter-detail`,
 `dead-letter-http-status`, `dead-lettered-at` (dead letters) and `replay-count`, `replayed-at`
-(set by `vercel-consumer dlq replay`, see consumer/dlq.py). The broker's `x-delivery-count` is
+(set by `vercel-consumer dlq replay`, see consumer/dlq/ops.py). The broker's `x-delivery-count` is
 dropped from copies: it counts deliveries of the original, and a copy starts afresh.
 
 A copy must be publishable whatever the original carried, or the message could never leave the

@@ -59,7 +59,7 @@ import orjson
 
 from consumer.contract import example_event
 from consumer.retry import RetryPolicy
-from consumer.sim import VercelSimulator
+from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import Topology, declare, open_channel
 
 REPO = Path(__file__).resolve().parent.parent

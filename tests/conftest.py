@@ -26,14 +26,14 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.cli import build_worker
+from consumer.app import build_worker
 from consumer.contract import example_event
 from consumer.health import HealthServer
 from consumer.logs import configure_logging, get_logger
 from consumer.metrics import Metrics
-from consumer.publisher import EventPublisher
+from consumer.publish.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
-from consumer.sim import VercelSimulator
+from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import Topology
 from consumer.vercel import VercelClient
 from consumer.worker import Worker

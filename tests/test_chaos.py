@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from consumer.sim import Fault, VercelSimulator
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 from tests.brokers import PrivateBroker
 from tests.chaos import CHAOS_TOKENS, Scenario, TcpProxy
 from tests.conftest import wait_until

@@ -24,7 +24,7 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from consumer.dlq import (
+from consumer.dlq.ops import (
     DlqSession,
     ReplayOptions,
     collect,
@@ -34,10 +34,10 @@ from consumer.dlq import (
     read_export,
     replay,
 )
-from consumer.dlqview import DeadLetterInfo, Filter
+from consumer.dlq.progress import ProgressLines
+from consumer.dlq.view import DeadLetterInfo, Filter
 from consumer.errors import BrokerError
-from consumer.progress import ProgressLines
-from consumer.sim import VercelSimulator
+from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import Topology, declare
 from tests.brokers import PrivateBroker
 from tests.conftest import AMQP_URL, Relay, drain_queue, event, run_cli, wait_until

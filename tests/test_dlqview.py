@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.dlqexport import ExportedMessage, decode_line, encode_line
-from consumer.dlqview import (
+from consumer.dlq.export import ExportedMessage, decode_line, encode_line
+from consumer.dlq.progress import ProgressBar, ProgressLines
+from consumer.dlq.view import (
     DeadLetterInfo,
     Filter,
     parse_moment,
@@ -25,7 +26,6 @@ from consumer.dlqview import (
     summarize,
 )
 from consumer.errors import ConfigError
-from consumer.progress import ProgressBar, ProgressLines
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 

@@ -15,14 +15,14 @@ import aiohttp
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from consumer.cli import build_worker
+from consumer.app import build_worker
 from consumer.health import HealthServer, LoopMonitor
 from consumer.logs import get_logger
 from consumer.metrics import Metrics
-from consumer.publisher import EventPublisher
+from consumer.publish.publisher import EventPublisher
 from consumer.retry import RetryPolicy
 from consumer.settings import load_settings
-from consumer.sim import Fault, VercelSimulator
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import Topology
 from consumer.vercel import VercelClient
 from tests.brokers import PrivateBroker

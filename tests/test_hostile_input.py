@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from consumer.contract import example_event, parse_event
 from consumer.errors import ContractError
-from consumer.sim import Fault, VercelSimulator
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 from tests.conftest import AMQP_URL, drain_queue, wait_for_dead_letters, wait_until
 
 RAW = contextvars.ContextVar("RAW", default=False)

@@ -14,37 +14,38 @@ LAYERS = {
     "errors": 0,
     "settings": 1,
     "logs": 1,
-    "progress": 1,
+    "dlq.progress": 1,
     "contract": 2,
     "translate": 2,
     "retry": 2,
     "tracing": 2,
     "breaker": 2,
     "ratelimit": 2,
-    "dlqexport": 2,
+    "dlq.export": 2,
     "tokens": 3,
     "vercel": 3,
     "topology": 3,
     "deadletter": 3,
-    "publisher": 3,
-    "sim": 3,
+    "publish.publisher": 3,
+    "testing.vercel_sim": 3,
     "metrics": 3,
     "depths": 3,
     "health": 3,
-    "dlqview": 3,
+    "dlq.view": 3,
     "handler": 4,
     "worker": 4,
-    "dlq": 4,
-    "cli": 5,
-    "dlqcli": 5,
-    "__main__": 6,
+    "dlq.ops": 4,
+    "app": 5,
+    "cli": 6,
+    "dlq.cli": 6,
+    "__main__": 7,
 }
-PURE = ("contract", "translate", "retry", "tracing", "breaker", "ratelimit", "dlqexport")
+PURE = ("contract", "translate", "retry", "tracing", "breaker", "ratelimit", "dlq.export")
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
 
 def imports_of(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    tree = ast.parse((PACKAGE / f"{module.replace('.', '/')}.py").read_text())
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -56,7 +57,11 @@ def imports_of(module: str) -> set[str]:
 
 def test_every_module_has_a_layer() -> None:
     """A new module must be placed in a layer here before it can be imported."""
-    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__"}
+    modules = {
+        ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        for path in PACKAGE.rglob("*.py")
+        if path.stem != "__init__"
+    }
     assert modules == set(LAYERS)
 
 
@@ -71,13 +76,17 @@ def test_pure_modules_do_no_io(module: str) -> None:
 def test_imports_point_down(module: str) -> None:
     """No module imports one from a higher layer (entry points → orchestration → adapters → pure
     → leaves)."""
-    own = [name.split(".")[1] for name in imports_of(module) if name.startswith("consumer.")]
+    own = [
+        name.removeprefix("consumer.")
+        for name in imports_of(module)
+        if name.startswith("consumer.")
+    ]
     upward = [name for name in own if LAYERS[name] > LAYERS[module]]
     assert upward == []
 
 
 def test_only_the_cli_reads_settings() -> None:
-    """Settings are read once, by the CLI (cli and its dlq commands, dlqcli); other modules
-    receive plain values."""
+    """Settings are read once, by the entry points (cli, app and the dlq commands, dlq.cli);
+    other modules receive plain values."""
     readers = {module for module in LAYERS if "consumer.settings" in imports_of(module)}
-    assert readers == {"cli", "dlqcli"}
+    assert readers == {"app", "cli", "dlq.cli"}

@@ -11,8 +11,8 @@ from prometheus_client import generate_latest
 
 from consumer.errors import DeliveryError, Reason, VercelThrottled, VercelUnavailable
 from consumer.metrics import Metrics, event_family, retry_cause, status_class
-from consumer.publisher import EventPublisher
-from consumer.sim import Fault, VercelSimulator
+from consumer.publish.publisher import EventPublisher
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 from tests.conftest import event, get_json, sample, scrape, wait_until
 
 DELIVERIES = "vercel_consumer_deliveries_total"

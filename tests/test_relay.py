@@ -9,8 +9,8 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel
 
-from consumer.publisher import EventPublisher
-from consumer.sim import Fault, VercelSimulator
+from consumer.publish.publisher import EventPublisher
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 from tests.conftest import TOKENS, drain_queue, event, wait_for_dead_letters, wait_until
 
 

@@ -16,11 +16,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from consumer.app import build_worker
 from consumer.breaker import CircuitBreaker
-from consumer.cli import build_worker
 from consumer.errors import BrokerError
 from consumer.settings import load_settings
-from consumer.sim import Fault, VercelSimulator
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import Topology, broker_errors, connect, open_channel
 from consumer.vercel import VercelClient
 from consumer.worker import Worker

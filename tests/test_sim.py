@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from consumer.sim import Fault, VercelSimulator
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 
 TOKENS = {"icfg_a": "token-a", "icfg_b": "token-b"}
 RESOURCE_EVENT = {"event": {"type": "resource.updated", "resourceId": "db_1", "productId": "pg"}}

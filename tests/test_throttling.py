@@ -8,8 +8,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
-from consumer.publisher import EventPublisher
-from consumer.sim import VercelSimulator
+from consumer.publish.publisher import EventPublisher
+from consumer.testing.vercel_sim import VercelSimulator
 from tests.conftest import drain_queue, event, wait_until
 
 THROTTLED = "icfg_throttled"

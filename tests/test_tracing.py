@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.publisher import EventPublisher
-from consumer.sim import Fault, VercelSimulator
+from consumer.publish.publisher import EventPublisher
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.tracing import TraceParent, parse_traceparent
 from tests.conftest import event, wait_until
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from consumer.errors import VercelRejected, VercelUnavailable
-from consumer.sim import Fault, VercelSimulator
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.translate import VercelRequest, events_path
 from consumer.vercel import Delivered, VercelClient
 from tests.conftest import TOKENS

@@ -8,8 +8,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
-from consumer.publisher import EventPublisher
-from consumer.sim import Fault, VercelSimulator
+from consumer.publish.publisher import EventPublisher
+from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import connection_name
 from tests.conftest import broker_connections, event, wait_until
 

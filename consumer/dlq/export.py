@@ -9,7 +9,7 @@
 The body is base64 of the exact bytes. AMQP header values that JSON has no type for are tagged
 objects: `{"$bytes": base64}`, `{"$datetime": iso}`, `{"$decimal": "1.5"}`; a header table that
 itself has one key starting with `$` is wrapped as `{"$table": {...}}` so it cannot be taken for
-a tag. Decoding gives back the values aio-pika decoded on export. No I/O here: consumer/dlq.py
+a tag. Decoding gives back the values aio-pika decoded on export. No I/O here: consumer/dlq/ops.py
 writes and reads the file.
 """
 

@@ -45,8 +45,9 @@ from aio_pika.abc import (
 )
 
 from consumer.deadletter import DELIVERY_COUNT, ORIGINAL_USER_ID, copy_message
-from consumer.dlqexport import ExportedMessage, decode_line, encode_line
-from consumer.dlqview import (
+from consumer.dlq.export import ExportedMessage, decode_line, encode_line
+from consumer.dlq.progress import Progress
+from consumer.dlq.view import (
     DeadLetterInfo,
     Filter,
     origin_of,
@@ -56,7 +57,6 @@ from consumer.dlqview import (
     without_delivery_count,
 )
 from consumer.errors import BrokerError, ConfigError
-from consumer.progress import Progress
 from consumer.topology import broker_address, broker_errors, connect, open_channel
 
 MAX_HELD = 65_535  # AMQP's prefetch-count is 16 bits: the most one channel can hold unacked

@@ -1,5 +1,5 @@
 """`vercel-consumer dlq stats|list|replay|purge|import`: the dead-letter commands' arguments,
-and the wiring from settings to consumer/dlq.py. Part of the CLI (consumer/cli.py adds these
+and the wiring from settings to consumer/dlq/ops.py. Part of the CLI (consumer/cli.py adds these
 commands to its parser); like it, the only kind of module that reads settings.
 
 Exit status: 0 done; 1 broker unreachable, queue missing, another dlq command still busy, a
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from consumer.dlq import (
+from consumer.dlq.ops import (
     ReplayOptions,
     Scan,
     collect,
@@ -29,7 +29,8 @@ from consumer.dlq import (
     render_purge_preview,
     replay,
 )
-from consumer.dlqview import (
+from consumer.dlq.progress import progress_for
+from consumer.dlq.view import (
     DeadLetterInfo,
     Filter,
     parse_moment,
@@ -40,7 +41,6 @@ from consumer.dlqview import (
     summarize,
 )
 from consumer.errors import ConfigError
-from consumer.progress import progress_for
 from consumer.settings import Settings, load_settings
 from consumer.topology import Topology, connection_name
 

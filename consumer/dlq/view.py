@@ -5,7 +5,7 @@ headers (consumer/deadletter.py's vocabulary, or the broker's `x-death` family w
 itself dead-lettered it). `DeadLetterInfo.read` turns both into one row for `dlq list`;
 `Filter` decides which rows a command acts on; `Stats` counts them for `dlq stats`;
 `replay_headers` gives a replayed copy its fresh start. No I/O here: the broker side is
-consumer/dlq.py.
+consumer/dlq/ops.py.
 """
 
 from __future__ import annotations

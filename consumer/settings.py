@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -73,17 +73,13 @@ class Settings(BaseSettings):
     @field_validator("vercel_api_url")
     @classmethod
     def _check_api_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http(s) URL such as https://api.vercel.com")
+        check_url(value, ("http", "https"), example="https://api.vercel.com")
         return value.rstrip("/")
 
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        check_url(value.get_secret_value(), ("amqp", "amqps"), example="amqp://user:pw@host/")
         return value
 
     @model_validator(mode="after")
@@ -98,14 +94,60 @@ class Settings(BaseSettings):
         """The broker URL with its password masked: the only form fit for a log line."""
         return redact_url(self.amqp_url.get_secret_value())
 
+    @property
+    def vercel_api_url_redacted(self) -> str:
+        """The Vercel API URL with any credentials in it masked."""
+        return redact_url(self.vercel_api_url)
+
+
+_URL_DELIMITERS = "/?#@"  # may not appear raw in a URL's user name or password
+
+
+def check_url(url: str, schemes: tuple[str, ...], *, example: str) -> None:
+    """Raise ValueError, in one sentence that never quotes the URL, unless `url` has one of
+    `schemes`, a host, a numeric port if any, and a percent-encoded user name and password.
+
+    An unencoded `/`, `?`, `#` or `@` in a password moves the URL's boundaries: the password
+    becomes the host or the port, and would be printed by whatever fails to parse it."""
+    userinfo = _userinfo(url)
+    if userinfo is not None and any(char in userinfo for char in _URL_DELIMITERS):
+        raise ValueError(
+            "the user name or password holds a raw '/', '?', '#' or '@': percent-encode it"
+            " (e.g. / as %2F)"
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"must be a {' or '.join(schemes)} URL with a host, such as {example}")
+    try:
+        parts.port  # noqa: B018 - urllib parses (and checks) the port only when asked
+    except ValueError:
+        raise ValueError("its port must be a number from 0 to 65535") from None
+
 
 def redact_url(url: str) -> str:
-    """`amqp://user:secret@host/` → `amqp://user:***@host/`."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """`amqp://user:secret@host/` → `amqp://user:***@host/`: the only form fit for a log line.
+
+    Whatever lies between `//` and the last `@` is user information, so a password with raw
+    delimiters in it is masked too; only a user name free of them is kept."""
+    userinfo = _userinfo(url)
+    if userinfo is None:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
+    start = url.index("//") + 2
+    user, has_password, _ = userinfo.partition(":")
+    if any(char in user for char in _URL_DELIMITERS):
+        masked = "***"
+    else:
+        masked = f"{user}:***" if has_password else user
+    return url[:start] + masked + url[start + len(userinfo) :]
+
+
+def _userinfo(url: str) -> str | None:
+    """The text between `//` and the last `@` (None when there is no `@` after `//`)."""
+    start = url.find("//")
+    if start < 0:
+        return None
+    end = url.rfind("@")
+    return url[start + 2 : end] if end > start else None
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -1,10 +1,10 @@
 """The Vercel API client: sends one Create Event request and maps every answer to our types.
 
-2xx → `Delivered`; 429 → `VercelThrottled`; 408, 425, 5xx, network errors, timeouts and answers
-that are not HTTP → `VercelUnavailable` (with `Retry-After` parsed); any other status →
-`VercelRejected`. The installation's quota (`X-RateLimit-*`) rides along on `Delivered` and
-`VercelThrottled`. aiohttp's exceptions stop here. `CONSUMER_HTTP_TIMEOUT` bounds the whole
-call.
+2xx → `Delivered`; 429 → `VercelThrottled`; 3xx (never followed), 408, 425, 5xx, network
+errors, timeouts and answers that are not HTTP → `VercelUnavailable` (with `Retry-After`
+parsed); any other status → `VercelRejected`. The installation's quota (`X-RateLimit-*`)
+rides along on `Delivered` and `VercelThrottled`. aiohttp's exceptions stop here.
+`CONSUMER_HTTP_TIMEOUT` bounds the whole call.
 
 The client is built once and shared: one aiohttp session whose pool is sized to the worker's
 concurrency and keeps connections alive between events. Plain aiohttp, because the HTTP client
@@ -25,7 +25,7 @@ from yarl import URL
 from consumer import __version__
 from consumer.errors import VercelRejected, VercelThrottled, VercelUnavailable
 from consumer.ratelimit import Quota, parse_quota
-from consumer.retry import parse_retry_after
+from consumer.retry import MAX_RETRY_AFTER, parse_retry_after
 from consumer.translate import VercelRequest
 
 USER_AGENT = f"vercel-event-consumer/{__version__}"
@@ -63,7 +63,10 @@ class VercelClient:
         if extra_headers:
             headers = {**extra_headers, **headers}
         try:
-            async with self._open().post(url, data=request.body, headers=headers) as response:
+            # Never follow a redirect: a 302 would re-send the POST as a GET elsewhere, and a
+            # 2xx from there is not Vercel creating the event (docs/contract.md, "3xx").
+            post = self._open().post(url, data=request.body, headers=headers, allow_redirects=False)
+            async with post as response:
                 # Read the body (empty on success) so the connection goes back to the pool.
                 # Bounded: a runaway body only costs that connection, which is then closed.
                 body = await _read_at_most(response.content, _MAX_BODY_READ)
@@ -102,6 +105,8 @@ def _failure(
 ) -> VercelRejected | VercelThrottled | VercelUnavailable:
     vercel_id = headers.get("x-vercel-id")
     detail = f"HTTP {status} from Vercel: {_error_summary(body)}"
+    if 300 <= status < 400:
+        detail = _redirect_detail(status, headers.get("location"))
     if status == THROTTLED:
         return _throttled(headers, detail)
     if status in RETRYABLE_STATUSES or status >= 500 or status < 400:
@@ -117,12 +122,25 @@ def _throttled(headers: Mapping[str, str], detail: str) -> VercelThrottled:
     quota = parse_quota(headers)
     retry_after = parse_retry_after(headers.get("retry-after"))
     if retry_after is None and quota is not None:
-        retry_after = quota.reset_in
+        retry_after = min(quota.reset_in, MAX_RETRY_AFTER)
     return VercelThrottled(
         detail,
         status=THROTTLED,
         vercel_id=headers.get("x-vercel-id"),
         retry_after=retry_after,
+    )
+
+
+def _redirect_detail(status: int, location: str | None) -> str:
+    """Where a redirect pointed (host and path only: a query may carry anything)."""
+    try:
+        target = URL(location or "")
+        shown = str(target.with_user(None).with_query(None).with_fragment(None))[:200]
+    except ValueError:
+        shown = "(unparseable)"
+    return (
+        f"HTTP {status} redirect to {shown or '(no Location)'}, not followed: Create Event never"
+        " redirects; a proxy, a captive portal or a wrong CONSUMER_VERCEL_API_URL answered"
     )
 
 

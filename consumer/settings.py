@@ -7,11 +7,19 @@ bad variable, so a wrong deployment fails with a sentence, not a traceback.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from consumer.errors import ConfigError
@@ -22,7 +30,9 @@ ENV_PREFIX = "CONSUMER_"
 class Settings(BaseSettings):
     """Every knob of the worker; the README's configuration table documents each one."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
     exchange: str = Field("domain-events", min_length=1, max_length=255)
@@ -76,6 +86,25 @@ class Settings(BaseSettings):
         check_url(value, ("http", "https"), example="https://api.vercel.com")
         return value.rstrip("/")
 
+    @field_validator("exchange", "queue")
+    @classmethod
+    def _check_name_bytes(cls, value: str, info: ValidationInfo) -> str:
+        # AMQP names are short strings of at most 255 bytes (the queue's retry tiers add up to
+        # 20 more to its name); max_length counts characters, and 'é' is two bytes.
+        limit = 255 if info.field_name == "exchange" else 200
+        if len(value.encode()) > limit:
+            raise ValueError(f"must be at most {limit} bytes in UTF-8")
+        return value
+
+    @field_validator("health_host")
+    @classmethod
+    def _check_health_host(cls, value: str) -> str:
+        # Checked here: the resolver raises UnicodeError (not OSError) for a non-ASCII name or
+        # a label over 63 characters, which would end in a traceback at bind time.
+        if not _HOST.fullmatch(value) or len(value) > 253:
+            raise ValueError("must be an IP address or a host name, such as 0.0.0.0")
+        return value
+
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
@@ -85,7 +114,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_tokens_dir(self) -> Settings:
         tokens_dir = self.vercel_tokens_dir
-        if tokens_dir is not None and not tokens_dir.is_dir():
+        if tokens_dir is None:
+            return self
+        try:
+            is_dir = tokens_dir.is_dir()
+        except OSError as exc:  # a name too long, a loop of links: is_dir() lets these out
+            raise ValueError(f"CONSUMER_VERCEL_TOKENS_DIR cannot be used: {exc.strerror}") from None
+        if not is_dir:
             raise ValueError(f"CONSUMER_VERCEL_TOKENS_DIR={tokens_dir} is not a directory")
         return self
 
@@ -100,6 +135,9 @@ class Settings(BaseSettings):
         return redact_url(self.vercel_api_url)
 
 
+# An IPv4/IPv6 literal or a DNS name whose labels are 1-63 ASCII letters, digits or hyphens.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"[0-9A-Fa-f:.]+|{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
 _URL_DELIMITERS = "/?#@"  # may not appear raw in a URL's user name or password
 
 

@@ -30,8 +30,6 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from consumer.logs import get_logger
 from consumer.metrics import Metrics
 
-_log = get_logger("consumer.health")
-
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 IDLE_TIMEOUT = 5.0  # seconds a connection may sit without a complete request (probes: ms)
 MAX_CONNECTIONS = 64  # open at once; beyond, the oldest are closed
@@ -211,7 +209,8 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
         if now - last_logged >= ACCEPT_ERROR_EVERY:
             last_logged = now
             error = context.get("exception")
-            _log.warning("cannot accept connections", error=str(error), every_s=ACCEPT_ERROR_EVERY)
+            log = get_logger("consumer.health")
+            log.warning("cannot accept connections", error=str(error), every_s=ACCEPT_ERROR_EVERY)
 
     loop.set_exception_handler(handler)
 

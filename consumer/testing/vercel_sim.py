@@ -12,9 +12,10 @@ A rate limit per installation (`set_rate_limit`) works like Vercel's: a fixed wi
 requests, `X-RateLimit-Limit/-Remaining/-Reset` (epoch seconds) on every answer for it, and
 429 with `Retry-After` beyond it (counted in `by_status["429"]`).
 
-Faults (`Fault`) turn it into a misbehaving Vercel: a status with an optional Retry-After, added
-latency, a dropped connection, or bytes that are not HTTP, for one installation or all, a
-number of times or until cleared.
+Faults (`Fault`) turn it into a misbehaving Vercel: a status with an optional Retry-After and
+any other headers (a redirect's `Location`, `X-RateLimit-*`), added latency, a dropped
+connection, or bytes that are not HTTP, for one installation or all, a number of times or until
+cleared.
 
 - Tests use it in-process: `async with VercelSimulator({"icfg_1": "tok"}) as sim:` starts it on
   a free port of 127.0.0.1 (`sim.url`), and assert on `sim.accepted` / `sim.add_fault(...)`.

@@ -14,6 +14,7 @@ pool (httpx-aiohttp) costs 0.23 ms and httpx on its own pool 1 to 2.7 ms (bench/
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,12 +68,11 @@ class VercelClient:
             # 2xx from there is not Vercel creating the event (docs/contract.md, "3xx").
             post = self._open().post(url, data=request.body, headers=headers, allow_redirects=False)
             async with post as response:
-                # Read the body (empty on success) so the connection goes back to the pool.
-                # Bounded: a runaway body only costs that connection, which is then closed.
-                body = await _read_at_most(response.content, _MAX_BODY_READ)
                 if 200 <= response.status < 300:
+                    await _drain_quietly(response.content)
                     vercel_id = response.headers.get("x-vercel-id")
                     return Delivered(response.status, vercel_id, parse_quota(response.headers))
+                body = await _read_at_most(response.content, _MAX_BODY_READ)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_failure(exc) from None
         raise _failure(response.status, response.headers, body)
@@ -93,7 +93,17 @@ class VercelClient:
             await self._session.close()
 
 
+async def _drain_quietly(stream: aiohttp.StreamReader) -> None:
+    """Read a success's body (empty from Vercel) so the connection goes back to the pool.
+
+    The event was created once the 2xx status line came: a body cut short or too slow is no
+    failure, or the retry would create it twice."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        await _read_at_most(stream, _MAX_BODY_READ)
+
+
 async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    # Bounded: a runaway body only costs that connection, which is then closed.
     chunks = bytearray()
     while len(chunks) < limit and (chunk := await stream.read(limit - len(chunks))):
         chunks += chunk

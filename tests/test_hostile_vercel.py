@@ -1,10 +1,11 @@
 """A hostile Vercel and hostile identities, against a real worker on the real broker.
 
 The simulator's faults answer with any status from 100 to 599, redirects, any `Retry-After` and
-`X-RateLimit-*` values (numbers, dates, garbage, huge, non-ASCII digits), slow answers, dropped
-connections and bytes that are not HTTP. The invariant, for every event: it is delivered only
-after a 2xx from the Create Event URL itself, or else it is dead-lettered with a reason (a
-retry ends in one of the two); the worker keeps consuming, and `in_flight` returns to 0.
+`X-RateLimit-*` values (numbers, dates, garbage, huge, non-ASCII digits), slow answers, bodies
+cut short, dropped connections and bytes that are not HTTP. The invariant, for every event:
+it is delivered only after a 2xx from the Create Event URL itself, or else it is dead-lettered
+with a reason (a retry ends in one of the two); the worker keeps consuming, and `in_flight`
+returns to 0.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ ANSWERS: st.SearchStrategy[Callable[[str], Fault]] = st.one_of(
     ),
     st.just(lambda _: Fault(drop=True, times=1)),
     st.just(lambda _: Fault(garbage=True, times=1)),
+    STATUSES.map(lambda status: lambda _: Fault(status=status, truncate=True, times=1)),
     st.floats(0.0, 1.5).map(lambda seconds: lambda _: Fault(latency=seconds, times=1)),
 )
 

@@ -181,3 +181,16 @@ async def test_a_2xx_with_garbage_rate_limit_headers_is_delivered(
     delivered = await client.send(REQUEST, TOKENS["icfg_alpha"])
     assert delivered.status == 201
     assert delivered.quota is None
+
+
+async def test_a_2xx_whose_body_is_cut_short_is_still_delivered(
+    client: VercelClient, sim: VercelSimulator
+) -> None:
+    """A 201 status line, then the connection closes mid-body: the event was created, so it
+    is Delivered (a transport error here meant a retry, i.e. a duplicate); a 500 cut short is
+    still a failure."""
+    sim.add_fault(Fault(truncate=True, times=1))
+    assert (await client.send(REQUEST, TOKENS["icfg_alpha"])).status == 201
+    sim.add_fault(Fault(status=500, truncate=True, times=1))
+    with pytest.raises(VercelUnavailable):
+        await client.send(REQUEST, TOKENS["icfg_alpha"])

@@ -89,6 +89,7 @@ class Fault:
     latency: float = 0.0  # seconds to sleep first; alone, the request is then handled normally
     drop: bool = False  # close the connection without an answer
     garbage: bool = False  # write bytes that are not HTTP, then close
+    truncate: bool = False  # answer `status` (201) promising 1000 bytes of body, send 3, close
     body: bytes | None = None  # body of the `status` answer; default: Vercel's error shape
     installation: str | None = None  # only requests for this installation id; None: all
     times: int | None = None  # apply to this many matching requests, then vanish; None: forever
@@ -109,7 +110,7 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Refused:
-    """A request that a status fault answered instead of handling it."""
+    """A request that a status (or truncate) fault answered instead of handling it."""
 
     installation_id: str
     status: int
@@ -236,8 +237,8 @@ class VercelSimulator:
     def stats(self) -> dict[str, Any]:
         """Counters as served by `GET /_sim/stats`.
 
-        `by_status` counts answers by status code, plus "dropped" and "garbage" for connections a
-        fault broke instead of answering.
+        `by_status` counts answers by status code, plus "dropped", "garbage" and "truncated" for
+        connections a fault broke instead of answering.
         """
         return {
             "accepted": len(self.accepted),
@@ -367,8 +368,10 @@ class VercelSimulator:
         """The fault's answer, or None to continue with normal handling."""
         if fault.latency > 0:
             await asyncio.sleep(fault.latency)
-        if fault.drop or fault.garbage:
-            return self._break_connection(request, garbage=fault.garbage)
+        if fault.truncate:  # recorded: its status line is an answer
+            await self._record_refused(request, fault.status or 201, fault, arrived_at)
+        if fault.drop or fault.garbage or fault.truncate:
+            return self._break_connection(request, fault)
         if fault.status is None:
             return None
         vercel_id = self._new_vercel_id()
@@ -377,25 +380,33 @@ class VercelSimulator:
             headers["Retry-After"] = fault.retry_after
         headers.update(fault.headers or {})
         self.by_status[str(fault.status)] += 1
-        event = await _event_or_none(request)
-        installation_id = request.match_info["installation_id"]
-        answered_at = time.time()
-        refused = Refused(
-            installation_id, fault.status, fault.retry_after, arrived_at, answered_at, event
-        )
-        self._record(self.refused, refused)
+        await self._record_refused(request, fault.status, fault, arrived_at)
         if fault.body is None:
             return _error_response(fault.status, "fault injected by the simulator", headers)
         content_type = _JSON if fault.body.lstrip()[:1] in (b"{", b"[") else "text/plain"
         headers["Content-Type"] = content_type
         return web.Response(status=fault.status, body=fault.body, headers=headers)
 
-    def _break_connection(self, request: web.Request, *, garbage: bool) -> web.StreamResponse:
-        self.by_status["garbage" if garbage else "dropped"] += 1
+    async def _record_refused(
+        self, request: web.Request, status: int, fault: Fault, arrived_at: float
+    ) -> None:
+        event = await _event_or_none(request)
+        installation_id = request.match_info["installation_id"]
+        refused = Refused(
+            installation_id, status, fault.retry_after, arrived_at, time.time(), event
+        )
+        self._record(self.refused, refused)
+
+    def _break_connection(self, request: web.Request, fault: Fault) -> web.StreamResponse:
+        kind = "garbage" if fault.garbage else "truncated" if fault.truncate else "dropped"
+        self.by_status[kind] += 1
         transport = request.transport
         if transport is not None:
-            if garbage:
+            if fault.garbage:
                 transport.write(_GARBAGE)
+            elif fault.truncate:
+                status = fault.status or 201
+                transport.write(f'HTTP/1.1 {status} X\r\nContent-Length: 1000\r\n\r\n{{"a'.encode())
             transport.close()
         return web.Response()  # never sent: aiohttp discards it on the closed transport
 
@@ -619,6 +630,7 @@ class _FaultSpec(BaseModel):
     latency: float = Field(0.0, ge=0, le=MAX_FAULT_LATENCY, allow_inf_nan=False)
     drop: bool = False
     garbage: bool = False
+    truncate: bool = False
     body: str | None = Field(None, max_length=MAX_BODY_BYTES)
     installation: str | None = Field(None, max_length=256)
     times: int | None = Field(None, ge=1)

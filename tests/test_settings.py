@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,24 @@ def test_the_vercel_api_url_is_logged_without_its_credentials() -> None:
     """Credentials someone put in CONSUMER_VERCEL_API_URL are masked where it is logged."""
     settings = load_settings(vercel_api_url="https://proxyuser:pr0xy@egress.example/")
     assert settings.vercel_api_url_redacted == "https://proxyuser:***@egress.example"
+
+
+def test_the_starting_line_masks_both_urls() -> None:
+    """The `starting` log line of `run` shows neither the broker's password nor credentials
+    put in CONSUMER_VERCEL_API_URL (it logged the latter raw)."""
+    with socket.socket() as taken:  # the health port is taken: `run` stops right after
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **os.environ,
+            "CONSUMER_AMQP_URL": "amqp://guest:amqpPW1@127.0.0.1:1/",
+            "CONSUMER_VERCEL_API_URL": "https://proxyuser:apiPW2@127.0.0.1:1",
+            "CONSUMER_VERCEL_TOKEN": "tok",
+            "CONSUMER_HEALTH_HOST": "127.0.0.1",
+            "CONSUMER_HEALTH_PORT": str(taken.getsockname()[1]),
+        }
+        result = run_cli("run", env=env)
+    assert '"starting"' in result.stdout
+    assert "proxyuser:***@127.0.0.1" in result.stdout
+    assert "amqpPW1" not in result.stdout + result.stderr
+    assert "apiPW2" not in result.stdout + result.stderr

@@ -187,7 +187,8 @@ class Handler:
                     retry_after=self._limits.defer(installation, wait),
                 )
             await asyncio.sleep(wait)
-        await self._rate.acquire()
+        if (waited := await self._rate.acquire()) > 0:  # CONSUMER_MAX_RPS's turn
+            self._tracer.event("rate_limit.global_wait", wait_seconds=waited)
 
     async def _reroute(
         self,

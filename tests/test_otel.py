@@ -262,3 +262,26 @@ async def test_spans_reach_a_collector_over_otlp_http(
         if a.key == "service.name"
     }
     assert services == {"relay-under-test"}
+
+
+async def test_rate_limit_waits_are_events_on_the_delivery_span(
+    start_relay: Any,
+    sim: VercelSimulator,
+    publisher: EventPublisher,
+    exported: InMemorySpanExporter,
+) -> None:
+    """With CONSUMER_MAX_RPS=4, four events at once: the later ones wait their turn, and each
+    wait is a `rate_limit.global_wait` event with its seconds on that delivery's span."""
+    tracer = SpanTracer(SimpleSpanProcessor(exported), api_url=sim.url)
+    await start_relay(tracer=tracer, max_rps=4)
+    for _ in range(4):
+        await publisher.publish(event())
+    await wait_until(lambda: len(spans_of(exported, SpanKind.CONSUMER)) == 4)
+    waits = [
+        float((e.attributes or {})["wait_seconds"])
+        for span in spans_of(exported, SpanKind.CONSUMER)
+        for e in span.events
+        if e.name == "rate_limit.global_wait"
+    ]
+    assert len(waits) >= 3
+    assert all(0 < wait <= 1.0 for wait in waits)

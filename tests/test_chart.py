@@ -305,6 +305,14 @@ def test_strict_validation_catches_a_misplaced_field(chart: helm.Chart) -> None:
     scaled["spec"]["triggers"][0]["metadata"]["value"] = 200  # KEDA wants strings
     with pytest.raises(jsonschema.ValidationError):
         validate_object(scaled)
+    rule = copy.deepcopy(rendered.one("PrometheusRule"))
+    rule["spec"]["groups"][0]["rules"][0]["severity"] = "warning"  # belongs under labels
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(rule)
+    policy = copy.deepcopy(rendered.one("NetworkPolicy"))
+    policy["spec"]["egress"][0]["port"] = 53  # belongs under ports
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_object(policy)
 
 
 def test_defaults_render_the_worker_and_what_it_needs(chart: helm.Chart) -> None:

@@ -51,6 +51,7 @@ def a_message() -> IncomingMessage:
 
 async def one_delivery(tracer: Tracer, message: Any) -> None:
     with tracer.delivery(message, 1):
+        tracer.trace_id()
         tracer.event("rate_limit.wait", wait_seconds=0.01)
         with tracer.vercel_call("/v1/installations/icfg_a/events") as call:
             call.forward({"traceparent": TRACEPARENT})

@@ -97,6 +97,8 @@ class Handler:
             "attempt": attempts,
         }
         trace_headers = self._trace_headers(message, fields)
+        if "trace_id" not in fields and (trace_id := self._tracer.trace_id()):
+            fields["trace_id"] = trace_id  # the trace this delivery's spans started
         started = time.perf_counter()
         try:
             self._check_redeliveries(message)

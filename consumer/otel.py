@@ -49,6 +49,9 @@ class Tracer(Protocol):
     def outcome(self, outcome: str, reason: str = "", detail: str | None = None) -> None:
         """The delivery's outcome, as the span's status and attributes."""
 
+    def trace_id(self) -> str | None:
+        """The current delivery's trace id (32 hex digits) when it is traced, for log lines."""
+
     def shutdown(self) -> None:
         """Export what is buffered; called once when the worker stops."""
 
@@ -67,6 +70,9 @@ class _Nothing:
 
     def outcome(self, outcome: str, reason: str = "", detail: str | None = None) -> None:
         pass
+
+    def trace_id(self) -> None:
+        return None
 
     def shutdown(self) -> None:
         pass

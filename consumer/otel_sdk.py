@@ -132,6 +132,10 @@ class SpanTracer:
         elif outcome == "delivered":
             span.set_status(Status(StatusCode.OK))
 
+    def trace_id(self) -> str | None:
+        context = trace.get_current_span().get_span_context()
+        return f"{context.trace_id:032x}" if context.is_valid else None
+
     def shutdown(self) -> None:
         self._provider.shutdown()
 

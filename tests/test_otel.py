@@ -5,6 +5,7 @@ importing nothing, unless OTEL_* asks for it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -183,10 +184,11 @@ async def test_a_dead_letter_says_why_on_its_span(
     channel: Any,
     names: dict[str, str],
 ) -> None:
-    """A message without a traceparent starts a trace of its own; Vercel's 400 dead-letters
-    it, and the span says `dead_lettered` with the reason, as an error."""
+    """A message without a traceparent starts a trace of its own, whose id the log line
+    carries; Vercel's 400 dead-letters it, and the span says `dead_lettered` with the reason,
+    as an error."""
     tracer = SpanTracer(SimpleSpanProcessor(exported), api_url=sim.url)
-    await start_relay(tracer=tracer)
+    relay = await start_relay(tracer=tracer)
     sim.add_fault(Fault(status=400, times=1))
     await publisher.publish(event())
     await wait_for_dead_letters(channel, names["queue"], 1)
@@ -194,6 +196,10 @@ async def test_a_dead_letter_says_why_on_its_span(
     (process,) = spans_of(exported, SpanKind.CONSUMER)
     assert process.parent is None
     assert list(process.links) == []
+    dead = next(
+        json.loads(line) for line in relay.log_text().splitlines() if "dead_lettered" in line
+    )
+    assert dead["trace_id"] == f"{process.context.trace_id:032x}"  # logs lead to the trace
     assert (process.attributes or {})["vercel_consumer.outcome"] == "dead_lettered"
     assert (process.attributes or {})["vercel_consumer.reason"] == "rejected_by_vercel"
     assert process.status.status_code == StatusCode.ERROR

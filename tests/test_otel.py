@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
+from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 from opentelemetry.sdk.trace import ReadableSpan
@@ -23,7 +26,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from consumer.errors import ConfigError
 from consumer.otel import NO_TRACER, exporter_from_environ, tracer_from_environ
-from consumer.otel_sdk import SpanTracer, _without_credentials
+from consumer.otel_sdk import SpanTracer, _producer_context, _without_credentials
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from tests.conftest import event, wait_for_dead_letters, wait_until
@@ -86,6 +89,29 @@ def test_with_tracing_off_nothing_of_opentelemetry_is_imported() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.binary(max_size=80),
+        st.integers(),
+        st.none(),
+        st.from_regex(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", fullmatch=True),
+    )
+)
+def test_any_header_value_gives_a_valid_producer_context_or_none(raw: object) -> None:
+    """Whatever a publisher puts in `traceparent`, the span's parent is a valid remote
+    context with the header's ids, or there is none; nothing raises."""
+    context = _producer_context(raw)
+    if context is None:
+        return
+    span_context = trace.get_current_span(context).get_span_context()
+    assert span_context.is_valid
+    assert span_context.is_remote
+    assert isinstance(raw, str | bytes)
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    assert f"{span_context.trace_id:032x}" in text
 
 
 def test_url_credentials_never_reach_a_span() -> None:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from consumer.amqpurl import list_problem, split_urls, with_tls
 from consumer.errors import ConfigError
 
 ENV_PREFIX = "CONSUMER_"
@@ -25,6 +26,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    amqp_cafile: Path | None = None
+    amqp_certfile: Path | None = None
+    amqp_keyfile: Path | None = None
     exchange: str = Field("domain-events", min_length=1, max_length=255)
     queue: str = Field("vercel-events", min_length=1, max_length=200)
     vercel_api_url: str = "https://api.vercel.com"
@@ -48,7 +52,14 @@ class Settings(BaseSettings):
     health_host: str = Field("0.0.0.0", min_length=1)  # noqa: S104 - probes come from outside the pod
     queue_depth_interval: float = Field(15.0, ge=0, le=3600)
 
-    @field_validator("vercel_token", "vercel_tokens_dir", mode="before")
+    @field_validator(
+        "vercel_token",
+        "vercel_tokens_dir",
+        "amqp_cafile",
+        "amqp_certfile",
+        "amqp_keyfile",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         # An empty variable (a Helm value left blank) means "not set", not "" or the cwd.
@@ -81,10 +92,27 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        # One URL, or several separated by commas (failover); each checked, none repeated.
+        problem = list_problem(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+    @field_validator("amqp_cafile", "amqp_certfile", "amqp_keyfile")
+    @classmethod
+    def _check_tls_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> Settings:
+        if self.amqp_keyfile is not None and self.amqp_certfile is None:
+            raise ValueError(
+                "CONSUMER_AMQP_KEYFILE is set without CONSUMER_AMQP_CERTFILE (the client"
+                " certificate it belongs to)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_tokens_dir(self) -> Settings:
@@ -95,8 +123,19 @@ class Settings(BaseSettings):
 
     @property
     def amqp_url_redacted(self) -> str:
-        """The broker URL with its password masked: the only form fit for a log line."""
-        return redact_url(self.amqp_url.get_secret_value())
+        """The broker URLs with their passwords masked: the only form fit for a log line."""
+        return ",".join(redact_url(url) for url in split_urls(self.amqp_url.get_secret_value()))
+
+    def broker_urls(self) -> str:
+        """The failover list to connect to (a secret), with the TLS files of
+        CONSUMER_AMQP_CAFILE/CERTFILE/KEYFILE added to its amqps:// URLs."""
+        files = {
+            "cafile": self.amqp_cafile,
+            "certfile": self.amqp_certfile,
+            "keyfile": self.amqp_keyfile,
+        }
+        given = {key: str(path) for key, path in files.items() if path is not None}
+        return with_tls(self.amqp_url.get_secret_value(), given)
 
 
 def redact_url(url: str) -> str:

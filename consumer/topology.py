@@ -71,8 +71,6 @@ def broker_errors(action: str) -> Iterator[None]:
     """Re-raise anything the AMQP stack throws while doing `action` as a BrokerError."""
     try:
         yield
-    except ssl.SSLError as exc:
-        raise BrokerError(f"{action} failed: {describe_tls_error(exc)}") from exc
     except (
         aiormq.exceptions.AMQPError,
         aio_pika.exceptions.AMQPException,
@@ -81,6 +79,9 @@ def broker_errors(action: str) -> Iterator[None]:
         # RuntimeError (ChannelInvalidStateError among them) when it closed between two calls.
         RuntimeError,
     ) as exc:
+        tls = _tls_cause(exc)
+        if tls is not None:
+            raise BrokerError(f"{action} failed: {describe_tls_error(tls)}") from exc
         raise BrokerError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
     except TimeoutError as exc:
         raise BrokerError(f"{action} timed out") from exc
@@ -133,6 +134,18 @@ class Connector:
                 )
 
 
+def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind `exc` (aiormq wraps it in AMQPConnectionError), if any."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # a short chain; never loop on a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def describe_tls_error(exc: ssl.SSLError) -> str:
     """One sentence for a failed TLS handshake, saying what to check."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -142,7 +155,7 @@ def describe_tls_error(exc: ssl.SSLError) -> str:
             " CONSUMER_AMQP_CAFILE (or the URL's cafile) is the CA that signed it and that it"
             " is still valid"
         )
-    reason = str(exc.reason or exc).lower()
+    reason = str(exc.reason or exc).lower().replace("_", " ")
     if "wrong version" in reason or "record layer" in reason or "unknown protocol" in reason:
         return (
             "TLS: the broker did not answer with TLS (is this a plain AMQP port given as"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import random
 import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +17,7 @@ from hypothesis import strategies as st
 from consumer.amqpurl import broker_address, list_problem, split_urls, with_tls
 from consumer.backoff import Backoff
 from consumer.errors import BrokerError, ConfigError
+from consumer.logs import configure_logging
 from consumer.settings import load_settings
 from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import Connector, connect
@@ -194,3 +198,21 @@ async def test_a_single_url_keeps_working(free_port: int) -> None:
     await connection.close()
     with pytest.raises(BrokerError, match=f"127.0.0.1:{free_port}"):
         await connect(_dead_url(free_port))
+
+
+def test_the_librarys_transport_errors_are_folded_but_its_other_errors_stay() -> None:
+    """aiormq's 'error when creating transport' (and its other lost-connection reports) go to
+    debug, without traceback; any other aiormq error is still logged at its level."""
+    stream = io.BytesIO()
+    configure_logging("json", "info", stream=stream)
+    library = logging.getLogger("aiormq.connection")
+    try:
+        raise ConnectionRefusedError(111, "Connect call failed")
+    except ConnectionRefusedError as exc:
+        library.error("error when creating transport: %r", exc, exc_info=True)
+        library.warning("Cancelling cause reader exited abnormally", exc_info=True)
+    library.error("Unexpected frame %r", "Basic.Nack")
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["event"], line["level"]) for line in lines] == [
+        ("Unexpected frame 'Basic.Nack'", "error")
+    ]

@@ -7,6 +7,8 @@ bad variable, so a wrong deployment fails with a sentence, not a traceback.
 
 from __future__ import annotations
 
+import os
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -101,17 +103,35 @@ class Settings(BaseSettings):
     @field_validator("amqp_cafile", "amqp_certfile", "amqp_keyfile")
     @classmethod
     def _check_tls_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+        if value is not None and not (value.is_file() and os.access(value, os.R_OK)):
             raise ValueError(f"{value} is not a readable file")
         return value
 
     @model_validator(mode="after")
-    def _check_tls_pair(self) -> Settings:
+    def _check_tls_files(self) -> Settings:
+        """The TLS files load as OpenSSL will load them on connect: a CA, a matching pair."""
         if self.amqp_keyfile is not None and self.amqp_certfile is None:
             raise ValueError(
                 "CONSUMER_AMQP_KEYFILE is set without CONSUMER_AMQP_CERTFILE (the client"
                 " certificate it belongs to)"
             )
+        context = ssl.create_default_context()
+        if self.amqp_cafile is not None:
+            try:
+                context.load_verify_locations(cafile=self.amqp_cafile)
+            except (ssl.SSLError, OSError):
+                raise ValueError(
+                    f"CONSUMER_AMQP_CAFILE={self.amqp_cafile} holds no PEM CA certificate"
+                ) from None
+        if self.amqp_certfile is not None:
+            try:
+                # No password: an encrypted key would make OpenSSL prompt on a terminal.
+                context.load_cert_chain(self.amqp_certfile, self.amqp_keyfile, password=_no_pw)
+            except (ssl.SSLError, OSError):
+                raise ValueError(
+                    "CONSUMER_AMQP_CERTFILE and CONSUMER_AMQP_KEYFILE are not a PEM certificate"
+                    " and its unencrypted private key"
+                ) from None
         return self
 
     @model_validator(mode="after")
@@ -136,6 +156,13 @@ class Settings(BaseSettings):
         }
         given = {key: str(path) for key, path in files.items() if path is not None}
         return with_tls(self.amqp_url.get_secret_value(), given)
+
+
+def _no_pw() -> str:
+    raise ValueError(
+        "CONSUMER_AMQP_KEYFILE (or the key in CONSUMER_AMQP_CERTFILE) is encrypted;"
+        " give it unencrypted (in a Secret)"
+    )
 
 
 def redact_url(url: str) -> str:

@@ -24,6 +24,7 @@ import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 
 from consumer.cli import _parser
@@ -567,8 +568,12 @@ def test_rendered_settings_are_accepted_by_the_worker(
             value = rendered.secret_value(ref["name"], ref["key"])
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CONSUMER_VERCEL_TOKENS_DIR", str(tmp_path))  # the mount, here
-    for name in ("CAFILE", "CERTFILE", "KEYFILE"):  # the TLS Secret's files, here
-        (tmp_path / name).write_text("PEM")
+    ca = trustme.CA()  # the TLS Secret's files, here
+    client = ca.issue_cert("relay@example.test")
+    pems = {"CAFILE": ca.cert_pem, "CERTFILE": client.cert_chain_pems[0]}
+    pems["KEYFILE"] = client.private_key_pem
+    for name, pem in pems.items():
+        pem.write_to_path(str(tmp_path / name))
         monkeypatch.setenv(f"CONSUMER_AMQP_{name}", str(tmp_path / name))
     settings = load_settings()
     assert settings.amqp_url.get_secret_value() == ALL_ON["amqp"]["url"]

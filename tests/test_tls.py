@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from consumer.app import build_worker
-from consumer.errors import BrokerError
+from consumer.errors import BrokerError, ConfigError
 from consumer.publish.publisher import EventPublisher
 from consumer.settings import load_settings
 from consumer.testing.vercel_sim import VercelSimulator
@@ -206,3 +207,71 @@ async def test_an_expired_broker_certificate_is_one_sentence(
     message = str(caught.value)
     assert "TLS: the broker's certificate was not accepted (certificate has expired)" in message
     assert PASSWORD not in message
+
+
+def _pem_files(directory: Path) -> dict[str, Path]:
+    ca = trustme.CA()
+    client = ca.issue_cert("relay@example.test")
+    other = trustme.CA().issue_cert("other@example.test")
+    files = {
+        "ca": ca.cert_pem,
+        "cert": client.cert_chain_pems[0],
+        "key": client.private_key_pem,
+        "other_key": other.private_key_pem,
+    }
+    for name, pem in files.items():
+        pem.write_to_path(str(directory / name))
+    (directory / "garbage").write_text("not a certificate\n")
+    return {name: directory / name for name in [*files, "garbage"]}
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"amqp_cafile": "garbage"}, "CONSUMER_AMQP_CAFILE="),
+        ({"amqp_cafile": "missing"}, "is not a readable file"),
+        ({"amqp_certfile": "cert", "amqp_keyfile": "other_key"}, "not a PEM certificate"),
+        ({"amqp_certfile": "cert"}, "not a PEM certificate"),  # the key is not in it
+        ({"amqp_keyfile": "key"}, "without CONSUMER_AMQP_CERTFILE"),
+    ],
+)
+def test_unusable_tls_files_stop_the_start_in_one_sentence(
+    tmp_path: Path, values: dict[str, str], expected: str
+) -> None:
+    """A CA file that is no CA, a certificate whose key does not match, a key without its
+    certificate: refused at start-up, naming the variable."""
+    files = _pem_files(tmp_path)
+    given = {name: files.get(value, tmp_path / value) for name, value in values.items()}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(amqp_url=f"amqps://relay:{PASSWORD}@localhost/", **given)
+    assert expected in str(caught.value)
+    assert "CONSUMER_AMQP_" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+def test_a_matching_client_certificate_and_key_are_accepted(tmp_path: Path) -> None:
+    files = _pem_files(tmp_path)
+    settings = load_settings(
+        amqp_url="amqps://a/,amqp://b/",
+        amqp_cafile=files["ca"],
+        amqp_certfile=files["cert"],
+        amqp_keyfile=files["key"],
+    )
+    assert settings.broker_urls() == (
+        f"amqps://a/?cafile={files['ca']}&certfile={files['cert']}&keyfile={files['key']},amqp://b/"
+    )
+
+
+def test_an_encrypted_key_is_refused_without_prompting(tmp_path: Path) -> None:
+    """OpenSSL would ask for an encrypted key's password on the terminal; the settings refuse
+    it with a sentence instead."""
+    files = _pem_files(tmp_path)
+    key = serialization.load_pem_private_key(files["key"].read_bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"k3y-pass"),
+    )
+    (tmp_path / "encrypted").write_bytes(encrypted)
+    with pytest.raises(ConfigError, match="is encrypted"):
+        load_settings(amqp_certfile=files["cert"], amqp_keyfile=tmp_path / "encrypted")

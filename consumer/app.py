@@ -24,6 +24,7 @@ from consumer.handler import Handler
 from consumer.health import HealthServer
 from consumer.logs import get_logger
 from consumer.metrics import Metrics
+from consumer.otel import NO_TRACER, Tracer, tracer_from_environ
 from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import RetryPolicy
 from consumer.settings import Settings
@@ -34,7 +35,11 @@ from consumer.worker import MessageHandler, SessionTask, Worker
 
 
 def build_worker(
-    settings: Settings, vercel: VercelClient, log: Any, metrics: Metrics | None = None
+    settings: Settings,
+    vercel: VercelClient,
+    log: Any,
+    metrics: Metrics | None = None,
+    tracer: Tracer = NO_TRACER,
 ) -> Worker:
     """Wire the worker's collaborators from settings, recording into `metrics` (or a new one)."""
     metrics = Metrics() if metrics is None else metrics
@@ -63,6 +68,7 @@ def build_worker(
             log=log,
             metrics=metrics,
             accepted=accepted,
+            tracer=tracer,
         )
 
     worker = Worker(
@@ -121,7 +127,9 @@ async def serve(settings: Settings) -> None:
         timeout=settings.http_timeout,
         max_connections=settings.concurrency,
     )
-    worker = build_worker(settings, vercel, log, metrics)
+    # Standard OTEL_* variables, read here like the settings; a bad one stops the start (exit 2).
+    tracer, tracing = tracer_from_environ(os.environ, api_url=settings.vercel_api_url)
+    worker = build_worker(settings, vercel, log, metrics, tracer)
     stop = asyncio.Event()
     _install_signal_handlers(stop, log)
     log.info(
@@ -131,6 +139,7 @@ async def serve(settings: Settings) -> None:
         vercel_api_url=settings.vercel_api_url,
         queue=settings.queue,
         concurrency=settings.concurrency,
+        tracing=tracing,
     )
     health: HealthServer | None = None
     try:
@@ -140,6 +149,7 @@ async def serve(settings: Settings) -> None:
         if health is not None:  # after the drain: /readyz says shutting_down until the end
             await health.stop()
         await vercel.aclose()
+        tracer.shutdown()  # exports the spans still buffered
 
 
 async def start_health(

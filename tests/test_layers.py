@@ -32,6 +32,8 @@ LAYERS = {
     "publish.publisher": 3,
     "testing.vercel_sim": 3,
     "metrics": 3,
+    "otel": 3,
+    "otel_sdk": 3,
     "depths": 3,
     "health": 3,
     "dlq.view": 3,

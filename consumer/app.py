@@ -14,6 +14,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 
 from consumer import __version__
+from consumer.accepted import AcceptedMemory
 from consumer.breaker import CircuitBreaker
 from consumer.breaker import State as BreakerState
 from consumer.deadletter import Republisher
@@ -28,7 +29,7 @@ from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import RetryPolicy
 from consumer.settings import Settings
 from consumer.tokens import TokenStore
-from consumer.topology import Topology, connect, connection_name
+from consumer.topology import Connector, Topology, connection_name
 from consumer.vercel import VercelClient
 from consumer.worker import MessageHandler, SessionTask, Worker
 
@@ -51,6 +52,7 @@ def build_worker(
     breaker = build_breaker(settings, log)
     limits = InstallationLimits()
     rate = RequestRate(settings.max_rps)
+    accepted = AcceptedMemory()  # shared by every session: redeliveries come on the next one
 
     def make_handler(channel: AbstractChannel) -> MessageHandler:
         return Handler(
@@ -65,13 +67,12 @@ def build_worker(
             max_redeliveries=settings.max_redeliveries,
             log=log,
             metrics=metrics,
+            accepted=accepted,
             tracer=tracer,
         )
 
-    amqp_url = settings.amqp_url.get_secret_value()
-    name = connection_name()
     worker = Worker(
-        connect=lambda: connect(amqp_url, name=name),
+        connect=Connector(settings.broker_urls(), name=connection_name()),
         topology=topology,
         make_handler=make_handler,
         breaker=breaker,

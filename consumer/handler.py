@@ -15,6 +15,10 @@ so that it does not hold a consumer slot the other installations need. Every Ver
 reported to the circuit breaker; while it is open, failures do not spend attempts either.
 A message the broker has redelivered more than `max_redeliveries` times is dead-lettered
 unprocessed: it may be what killed the workers that held it.
+
+When an ack is lost after Vercel's 2xx (the channel closed meanwhile), the event is remembered
+(`AcceptedMemory`: its id and a hash of its body, for a few minutes); its redelivery to this
+worker is acked without a second call, logged as `redelivery_skipped` and counted.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.accepted import AcceptedMemory
 from consumer.breaker import CircuitBreaker
 from consumer.contract import Event, parse_event
 from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
@@ -70,8 +75,10 @@ class Handler:
         max_redeliveries: int,
         log: Any,
         metrics: Metrics,
+        accepted: AcceptedMemory | None = None,
         tracer: Tracer = NO_TRACER,
     ) -> None:
+        self._accepted = AcceptedMemory() if accepted is None else accepted
         self._vercel = vercel
         self._tokens = tokens
         self._policy = policy
@@ -107,6 +114,9 @@ class Handler:
             self._check_redeliveries(message)
             event = parse_event(message.body, max_bytes=self._max_body_bytes)
             fields.update(_event_fields(event))
+            if message.redelivered and self._accepted.holds(event.id, message.body):
+                await self._skip_accepted(message, fields)
+                return
             token = self._tokens.token_for(event.installation_id)
             delivered = await self._send(event, token, trace_headers)
         except DeliveryError as error:
@@ -235,11 +245,21 @@ class Handler:
             with broker_errors("acking"):
                 await message.ack()
         except BrokerError as exc:
-            # The channel is gone: the broker will redeliver, at worst as a duplicate.
+            # The channel is gone: the broker will redeliver. Vercel has a delivered event
+            # already, so its redelivery to this worker is acked without a second call.
+            if outcome == "delivered":
+                self._accepted.remember(fields["event_id"], message.body)
             self._log.warning("ack failed; message will be redelivered", error=str(exc), **fields)
             return
         log = self._log.warning if outcome == "dead_lettered" else self._log.info
         log(outcome, **fields)
+
+    async def _skip_accepted(
+        self, message: AbstractIncomingMessage, fields: dict[str, Any]
+    ) -> None:
+        """A redelivery of an event Vercel accepted (its ack was lost): ack it, no second call."""
+        self._metrics.redeliveries_skipped.inc()
+        await self._settle(message, "redelivery_skipped", fields)
 
     async def _hand_back(
         self, message: AbstractIncomingMessage, exc: Exception, fields: dict[str, Any]

@@ -24,6 +24,7 @@ import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 
 from consumer.cli import _parser
@@ -44,7 +45,10 @@ ALL_ON: dict[str, Any] = {
     },
     "imagePullSecrets": [{"name": "regcred"}],
     "replicaCount": 3,
-    "amqp": {"url": "amqps://relay:s3cret@rabbitmq.example:5671/prod"},
+    "amqp": {
+        "url": "amqps://relay:s3cret@rabbitmq.example:5671/prod",
+        "tls": {"existingSecret": "relay-tls", "certKey": "tls.crt", "keyKey": "tls.key"},
+    },
     "tokens": {
         "installations": {"icfg_alpha": "tok_alpha", "icfg_beta": "tok_beta"},
         "fallback": {"token": "tok_fallback"},
@@ -441,6 +445,34 @@ def test_broker_url_and_tokens_come_from_the_charts_secrets(chart: helm.Chart) -
     assert not any("tok_" in json.dumps(obj) for obj in rendered.objects if obj["kind"] != "Secret")
 
 
+def test_broker_tls_files_are_mounted_from_a_secret_for_worker_and_job(
+    chart: helm.Chart,
+) -> None:
+    """amqp.tls.existingSecret mounts the CA, client certificate and key (only those keys) in
+    the worker and the DLQ replay Job, and points CONSUMER_AMQP_CAFILE/CERTFILE/KEYFILE at
+    them; without it there is no such volume or variable."""
+    rendered = render(chart, ALL_ON)
+    mount_path = "/etc/vercel-consumer/amqp-tls"
+    env = rendered.env()
+    assert env["CONSUMER_AMQP_CAFILE"] == f"{mount_path}/ca.crt"
+    assert env["CONSUMER_AMQP_CERTFILE"] == f"{mount_path}/tls.crt"
+    assert env["CONSUMER_AMQP_KEYFILE"] == f"{mount_path}/tls.key"
+    job = rendered.one("Job")["spec"]["template"]["spec"]
+    for pod, container in ((rendered.pod, rendered.worker), (job, job["containers"][0])):
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == "amqp-tls"]
+        assert (mount["mountPath"], mount["readOnly"]) == (mount_path, True)
+        [volume] = [v for v in pod["volumes"] if v["name"] == "amqp-tls"]
+        assert volume["secret"]["secretName"] == "relay-tls"
+        assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+        variables = {e["name"]: e.get("value") for e in container["env"]}
+        assert variables["CONSUMER_AMQP_CAFILE"] == f"{mount_path}/ca.crt"
+    plain = render(chart, merged(ALL_ON, {"amqp": {"tls": {"existingSecret": ""}}}))
+    assert "amqp-tls" not in json.dumps(plain.objects)
+    assert "CONSUMER_AMQP_CAFILE" not in plain.env()
+    ca_only = render(chart, {"amqp": {"tls": {"existingSecret": "ca"}}}).env()
+    assert "CONSUMER_AMQP_CERTFILE" not in ca_only
+
+
 def test_existing_secrets_are_referenced_not_created(chart: helm.Chart) -> None:
     """With existingSecret values the pods read those Secrets and the chart makes none of them."""
     rendered = render(chart, EXISTING_SECRETS)
@@ -532,7 +564,14 @@ CONFIG_VARIABLES = {
     "logLevel": ("CONSUMER_LOG_LEVEL", "debug", "debug"),
 }
 # Set by the chart from other values rather than from `config`.
-CHART_MANAGED = {"CONSUMER_AMQP_URL", "CONSUMER_VERCEL_TOKEN", "CONSUMER_VERCEL_TOKENS_DIR"}
+CHART_MANAGED = {
+    "CONSUMER_AMQP_URL",
+    "CONSUMER_AMQP_CAFILE",
+    "CONSUMER_AMQP_CERTFILE",
+    "CONSUMER_AMQP_KEYFILE",
+    "CONSUMER_VERCEL_TOKEN",
+    "CONSUMER_VERCEL_TOKENS_DIR",
+}
 
 
 def documented_settings() -> set[str]:
@@ -577,6 +616,13 @@ def test_rendered_settings_are_accepted_by_the_worker(
             value = rendered.secret_value(ref["name"], ref["key"])
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CONSUMER_VERCEL_TOKENS_DIR", str(tmp_path))  # the mount, here
+    ca = trustme.CA()  # the TLS Secret's files, here
+    client = ca.issue_cert("relay@example.test")
+    pems = {"CAFILE": ca.cert_pem, "CERTFILE": client.cert_chain_pems[0]}
+    pems["KEYFILE"] = client.private_key_pem
+    for name, pem in pems.items():
+        pem.write_to_path(str(tmp_path / name))
+        monkeypatch.setenv(f"CONSUMER_AMQP_{name}", str(tmp_path / name))
     settings = load_settings()
     assert settings.amqp_url.get_secret_value() == ALL_ON["amqp"]["url"]
     assert settings.retry_delays == (1, 5, 30, 120, 600, 1800)
@@ -652,6 +698,8 @@ BAD_VALUES = {
     "health port 0": {"config": {"healthPort": 0}},
     "unknown log level": {"config": {"logLevel": "verbose"}},
     "non-amqp broker URL": {"amqp": {"url": "http://rabbitmq:15672"}},
+    "relative TLS mount": {"amqp": {"tls": {"mountPath": "amqp-tls"}}},
+    "TLS key with a slash": {"amqp": {"tls": {"caKey": "certs/ca.crt"}}},
     "token with whitespace": {"tokens": {"installations": {"icfg_a": "tok a"}}},
     "installation id unfit for a file name": {"tokens": {"installations": {"icfg/a": "tok"}}},
     "relative tokens mount": {"tokens": {"mountPath": "tokens"}},

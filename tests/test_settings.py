@@ -139,7 +139,7 @@ def test_every_command_refuses_an_unencoded_password_in_one_sentence(
 def test_a_port_that_is_not_a_number_is_a_configuration_error(url: str) -> None:
     """A bad port is a ConfigError naming the variable, not a ValueError at connect time."""
     field = "vercel_api_url" if url.startswith("https") else "amqp_url"
-    with pytest.raises(ConfigError, match="port must be a number") as caught:
+    with pytest.raises(ConfigError, match="port must be a number|not a valid URL") as caught:
         load_settings(**{field: url})
     assert "pw" not in str(caught.value)
 
@@ -169,3 +169,13 @@ def test_the_starting_line_masks_both_urls() -> None:
     assert "proxyuser:***@127.0.0.1" in result.stdout
     assert "amqpPW1" not in result.stdout + result.stderr
     assert "apiPW2" not in result.stdout + result.stderr
+
+
+def test_a_numeric_password_before_a_raw_slash_is_refused_too() -> None:
+    """`amqp://user:5672/x@mq/` parses as host `user`, port 5672 (urllib finds nothing wrong,
+    and the redaction of the time found no password): the raw '/' is refused all the same,
+    in every URL of a failover list."""
+    for url in ("amqp://user:5672/x@mq/", "amqp://a:b@mq1/,amqp://user:5672/x@mq2/"):
+        with pytest.raises(ConfigError, match="percent-encode") as caught:
+            load_settings(amqp_url=url)
+        assert "5672/x" not in str(caught.value)

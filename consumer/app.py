@@ -52,7 +52,7 @@ def build_worker(
             vercel=vercel,
             tokens=tokens,
             policy=policy,
-            republisher=Republisher(channel, topology),
+            republisher=Republisher(channel, topology, confirm_timeout=settings.confirm_timeout),
             breaker=breaker,
             limits=limits,
             rate=rate,

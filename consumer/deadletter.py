@@ -16,11 +16,20 @@ work queue: header strings that were not UTF-8 (pamqp hands them over as bytes, 
 send) become byte arrays, and headers that would not fit in one AMQP frame next to ours (the
 broker closes the whole connection over an oversized frame) are dropped, largest first, and
 named in `dropped-headers`.
+
+Copies of one event id never overlap on the channel: aiormq pairs a `basic.return` (an
+unroutable copy) with its publish by `message_id`, one publish per id, so two copies of one id
+in flight (publishers send duplicates) could have the return of one settle the other, and the
+unroutable copy pass for confirmed. A copy waits for the broker's confirm at most
+`confirm_timeout` seconds; then it counts as not confirmed, the channel is closed (the broker
+may be stuck on it) and the caller hands the message back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +37,7 @@ import aio_pika
 import pamqp.encode
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
 
+from consumer.errors import BrokerError
 from consumer.retry import DeadLetter, Retry
 from consumer.topology import Topology, broker_errors
 
@@ -145,6 +155,39 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+CONFIRM_TIMEOUT = 30.0  # seconds; the default of CONSUMER_CONFIRM_TIMEOUT
+# Seconds for closing a channel the broker may be stuck on. aio-pika gives the broker one
+# heartbeat interval (10 s by default) to answer and then closes it locally; this bound only
+# matters with heartbeats off.
+CHANNEL_CLOSE_TIMEOUT = 30.0
+
+
+class KeyedLock:
+    """One holder at a time per key (keys without holders or waiters are forgotten)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def held(self, key: str | None) -> AsyncIterator[None]:
+        """Hold `key`'s lock; no lock at all for None or ""."""
+        if not key:
+            yield
+            return
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class Republisher:
     """Publishes copies of deliveries to the retry tiers and the DLQ, with confirms."""
 
@@ -153,11 +196,15 @@ class Republisher:
         channel: AbstractChannel,
         topology: Topology,
         *,
+        confirm_timeout: float = CONFIRM_TIMEOUT,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._channel = channel
         self._topology = topology
+        self._confirm_timeout = confirm_timeout
         self._clock = clock
+        self._in_flight_ids = KeyedLock()  # see the module docstring: aiormq's return pairing
+        self._closing: asyncio.Task[None] | None = None
 
     async def retry(self, message: AbstractIncomingMessage, decision: Retry, error: str) -> None:
         """Park the message in the tier of `decision.delay_ms`; it returns to the work queue."""
@@ -190,8 +237,35 @@ class Republisher:
         self, message: AbstractIncomingMessage, headers: HeadersType, queue: str
     ) -> None:
         copy = copy_message(message, headers)
-        with broker_errors(f"publishing to {queue}"):
-            await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+        try:
+            with broker_errors(f"publishing to {queue}"):
+                async with asyncio.timeout(self._confirm_timeout):
+                    async with self._in_flight_ids.held(copy.message_id):
+                        await self._channel.default_exchange.publish(
+                            copy, routing_key=queue, mandatory=True
+                        )
+        except BrokerError as exc:
+            if not isinstance(exc.__cause__, TimeoutError):
+                raise
+            self._abandon_channel()
+            raise BrokerError(
+                f"publishing to {queue} failed: no confirm from the broker within"
+                f" {self._confirm_timeout:g} s (CONSUMER_CONFIRM_TIMEOUT); closing the channel"
+            ) from exc
+
+    def _abandon_channel(self) -> None:
+        """Close the channel after a confirm that never came: the broker may be stuck on it
+        (a quorum queue without a quorum blocks a channel's first publish to it), and then it
+        would neither deliver nor take our acks. The worker sees the channel close and opens a
+        new session; the broker requeues what this channel held. In a task of its own, so that
+        the caller can hand its message back and say why before the worker cancels it."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close_channel())
+
+    async def _close_channel(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CHANNEL_CLOSE_TIMEOUT):
+                await self._channel.close()
 
 
 def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:

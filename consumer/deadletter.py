@@ -11,11 +11,20 @@ Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
 (set by `vercel-consumer dlq replay`, see consumer/dlq/ops.py). The broker's `x-delivery-count` is
 dropped from copies: it counts deliveries of the original, and a copy starts afresh.
 
+Our headers come from us, never from the publisher. On a message from a named exchange (a
+publisher's, or `dlq replay --to-origin`) every one of them is dropped before we read it or set
+it: `original-exchange` and `original-routing-key` are the delivery's, the attempts start
+afresh and the first attempt is now. A message that came through the default exchange was put
+in the work queue by name (by one of our retry tiers, by `dlq replay`, or by someone allowed to
+write to the queue itself); its origin headers are kept, and its `first-attempt-at` only when it
+also carries our attempt count, is readable and is not in the future (otherwise: now).
+
 A copy must be publishable whatever the original carried, or the message could never leave the
 work queue: header strings that were not UTF-8 (pamqp hands them over as bytes, which it cannot
-send) become byte arrays, and headers that would not fit in one AMQP frame next to ours (the
-broker closes the whole connection over an oversized frame) are dropped, largest first, and
-named in `dropped-headers`.
+send) become byte arrays; headers whose name, or a name inside them, is longer than AMQP's 128
+bytes (pamqp would cut it short on every copy) are dropped; and headers that would not fit in
+one AMQP frame next to ours (the broker closes the whole connection over an oversized frame)
+are dropped, largest first. Dropped headers are named in `dropped-headers`.
 
 Copies of one event id never overlap on the channel: aiormq pairs a `basic.return` (an
 unroutable copy) with its publish by `message_id`, one publish per id, so two copies of one id
@@ -67,6 +76,24 @@ VERDICT_HEADERS = frozenset(
 # 8 short strings of 255 bytes) and the frame's own fields.
 FRAME_MAX = 131_072
 HEADERS_LIMIT = FRAME_MAX - 4096
+MAX_NAME_BYTES = 128  # AMQP's limit on a field table's key; pamqp truncates longer ones
+# Written only by the relay; a publisher's values for them are never trusted (see above).
+RELAY_HEADERS = frozenset(
+    {
+        ATTEMPTS,
+        FIRST_ATTEMPT_AT,
+        ORIGINAL_EXCHANGE,
+        ORIGINAL_ROUTING_KEY,
+        ORIGINAL_USER_ID,
+        LAST_ERROR,
+        REASON,
+        DETAIL,
+        HTTP_STATUS,
+        DEAD_LETTERED_AT,
+        DROPPED_HEADERS,
+    }
+)
+ORIGIN_HEADERS = (ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, ORIGINAL_USER_ID)
 
 
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
@@ -75,6 +102,25 @@ def attempts_made(headers: Mapping[str, Any] | None) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000:
         return value
     return 0
+
+
+def trusted_headers(message: AbstractIncomingMessage, now: datetime) -> HeadersType:
+    """`message`'s headers, with ours only where we can have written them (module docstring)."""
+    headers: HeadersType = dict(message.headers or {})
+    through_default_exchange = not message.exchange
+    kept = set(ORIGIN_HEADERS) if through_default_exchange else set()
+    if through_default_exchange and attempts_made(headers) > 0 and _in_the_past(headers, now):
+        kept.update((ATTEMPTS, FIRST_ATTEMPT_AT))
+    return {k: v for k, v in headers.items() if k not in RELAY_HEADERS or k in kept}
+
+
+def _in_the_past(headers: HeadersType, now: datetime) -> bool:
+    """Whether `first-attempt-at` is readable and not after `now`."""
+    first = header_time(headers, FIRST_ATTEMPT_AT)
+    try:
+        return first is not None and first <= now
+    except OverflowError:  # an offset that takes it below year 1
+        return False
 
 
 def redeliveries(headers: Mapping[str, Any] | None) -> int:
@@ -124,6 +170,8 @@ def publishable_headers(headers: HeadersType, limit: int = HEADERS_LIMIT) -> Hea
     dropped = []
     for name, value in fixed.items():
         try:
+            if _has_long_name(name, value):
+                raise ValueError(f"a header name is longer than {MAX_NAME_BYTES} bytes")
             sizes[name] = len(pamqp.encode.field_table({name: value}))
         except (TypeError, ValueError):
             dropped.append(name)
@@ -139,6 +187,17 @@ def publishable_headers(headers: HeadersType, limit: int = HEADERS_LIMIT) -> Hea
     kept: HeadersType = {k: v for k, v in fixed.items() if k not in dropped}
     kept[DROPPED_HEADERS] = truncate_utf8(",".join(dropped))
     return kept
+
+
+def _has_long_name(name: str, value: Any) -> bool:
+    """Whether `name`, or a table key anywhere inside `value`, exceeds AMQP's 128 bytes."""
+    if len(name.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES:
+        return True
+    if isinstance(value, list):
+        return any(_has_long_name("", item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_long_name(key, item) for key, item in value.items())
+    return False
 
 
 def _encodable(value: Any) -> Any:
@@ -223,11 +282,13 @@ class Republisher:
         await self._publish(message, headers, self._topology.dead_letter_queue)
 
     def _carried_headers(self, message: AbstractIncomingMessage, attempts: int) -> HeadersType:
-        headers: HeadersType = dict(message.headers or {})
+        now = self._clock()
+        headers = trusted_headers(message, now)
         headers.pop(DELIVERY_COUNT, None)
-        headers.setdefault(ORIGINAL_EXCHANGE, message.exchange or "")
-        headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
-        headers.setdefault(FIRST_ATTEMPT_AT, rfc3339(self._clock()))
+        if ORIGINAL_EXCHANGE not in headers or ORIGINAL_ROUTING_KEY not in headers:
+            headers[ORIGINAL_EXCHANGE] = message.exchange or ""
+            headers[ORIGINAL_ROUTING_KEY] = message.routing_key or ""
+        headers.setdefault(FIRST_ATTEMPT_AT, rfc3339(now))
         if message.user_id:
             headers[ORIGINAL_USER_ID] = message.user_id
         headers[ATTEMPTS] = attempts

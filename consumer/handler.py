@@ -27,7 +27,13 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from consumer.breaker import CircuitBreaker
 from consumer.contract import Event, parse_event
-from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
+from consumer.deadletter import (
+    Republisher,
+    attempts_made,
+    redeliveries,
+    retry_age,
+    trusted_headers,
+)
 from consumer.errors import (
     BrokerError,
     DeliveryError,
@@ -82,7 +88,7 @@ class Handler:
         self._metrics = metrics
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
-        attempts = attempts_made(message.headers) + 1
+        attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
         fields: dict[str, Any] = {
             "event_id": message.message_id,
             "routing_key": message.routing_key,
@@ -184,7 +190,8 @@ class Handler:
         attempts: int,
         fields: dict[str, Any],
     ) -> None:
-        age = retry_age(message.headers, datetime.now(UTC))
+        now = datetime.now(UTC)
+        age = retry_age(trusted_headers(message, now), now)
         decision = self._policy.decide(error, attempts, age=age, counted=not self._breaker.is_open)
         try:
             if isinstance(decision, DeadLetter):

@@ -4,20 +4,26 @@ do not fit. Every test runs a real worker against a real broker and the simulato
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import struct
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import orjson
+import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.contract import example_event
+from consumer.deadletter import header_time
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import Topology
 from tests.brokers import PrivateBroker
-from tests.conftest import AMQP_URL, drain_queue, wait_until
+from tests.conftest import AMQP_URL, drain_queue, wait_for_dead_letters, wait_until
 
 
 @pytest.fixture
@@ -134,3 +140,140 @@ async def _delete_topology(url: str, topology: Topology) -> None:
         await channel.queue_delete(topology.queue)
         await channel.queue_delete(topology.dead_letter_queue)
         await channel.exchange_delete(topology.exchange)
+
+
+LONG_NAMES = contextvars.ContextVar("LONG_NAMES", default=False)
+
+
+@pytest.fixture(autouse=True)
+def long_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let pamqp encode table keys longer than 128 bytes whole (as other clients do), only in
+    a task that set LONG_NAMES: the worker in this process still encodes like production."""
+    cut = pamqp.encode.field_table
+
+    def field_table(value: Any) -> bytes:
+        if not LONG_NAMES.get() or not value:
+            return cut(value)
+        data = b"".join(
+            pamqp.encode.short_string(key) + pamqp.encode.encode_table_value(item)
+            for key, item in sorted(value.items())
+        )
+        return struct.pack(">I", len(data)) + data
+
+    monkeypatch.setattr(pamqp.encode, "field_table", field_table)
+    monkeypatch.setitem(pamqp.encode.METHODS, "table", field_table)
+
+
+FORGED = {
+    "original-exchange": "amq.forged",
+    "original-routing-key": "forged.key",
+    "original-user-id": "admin",
+    "dead-letter-reason": "forged",
+    "dead-lettered-at": "2000-01-01T00:00:00Z",
+    "dropped-headers": "forged",
+    "last-error": "forged",
+}
+
+
+async def test_our_headers_on_a_publishers_message_are_ours_not_the_publishers(
+    start_relay: Callable[..., Awaitable[Any]],
+    pub_channel: AbstractChannel,
+    channel: AbstractChannel,
+    names: dict[str, str],
+) -> None:
+    """A publisher presetting `original-exchange` and `original-routing-key` (which `dlq replay
+    --to-origin` publishes to, with the operator's credentials) or any other header of ours used
+    to have them kept (setdefault). Now the dead letter carries the delivery's exchange and
+    routing key, and nothing of ours that the publisher wrote."""
+    relay = await start_relay()
+    await publish(pub_channel, names["exchange"], [aio_pika.Message(b"{}", headers=FORGED)])
+    [dead] = await wait_for_dead_letters(channel, relay.topology.queue, 1)
+    headers = dead.headers
+    assert headers["original-exchange"] == names["exchange"]
+    assert headers["original-routing-key"] == "resource.hardened"
+    assert headers["dead-letter-reason"] == "invalid_message"
+    assert headers.get("last-error") != "forged"
+    assert "original-user-id" not in headers
+    assert "dropped-headers" not in headers
+    assert headers["dead-lettered-at"] != FORGED["dead-lettered-at"]
+
+
+@pytest.mark.parametrize("through", ["exchange", "queue"])
+async def test_a_forged_past_first_attempt_does_not_exhaust_a_first_delivery(
+    through: str,
+    start_relay: Callable[..., Awaitable[Any]],
+    sim: VercelSimulator,
+    pub_channel: AbstractChannel,
+    channel: AbstractChannel,
+    names: dict[str, str],
+) -> None:
+    """A first delivery claiming its first attempt was in 2000, after 999,999 attempts, used to
+    be dead-lettered as retries_exhausted on its first 503. Those headers are trusted only on
+    copies we made (through the default exchange, with our attempt count and a readable, past
+    stamp; a replay or a publisher writing to the queue itself keeps the origin headers only):
+    from the domain exchange the publisher's are dropped, so the event is retried and delivered.
+    """
+    relay = await start_relay(max_attempts=4, max_retry_age=3600)
+    sim.add_fault(Fault(status=503, times=1))
+    event_id = f"evt_{uuid.uuid4().hex[:12]}"
+    stale = {"first-attempt-at": "2000-01-01T00:00:00Z", "delivery-attempts": 999_999}
+    if through == "exchange":
+        message = aio_pika.Message(body(event_id, event_id), headers=stale)
+        await publish(pub_channel, names["exchange"], [message])
+    else:  # a bad stamp on a message put in the queue by name: not trusted either
+        bad = {**stale, "first-attempt-at": 1}
+        message = aio_pika.Message(body(event_id, event_id), headers=bad)
+        await pub_channel.default_exchange.publish(message, routing_key=relay.topology.queue)
+    await wait_until(lambda: event_id in delivered(sim))
+    assert sim.requests == 2
+    assert not await drain_queue(channel, relay.topology.dead_letter_queue)
+
+
+async def test_a_forged_future_first_attempt_is_not_carried_over(
+    start_relay: Callable[..., Awaitable[Any]],
+    pub_channel: AbstractChannel,
+    channel: AbstractChannel,
+    names: dict[str, str],
+) -> None:
+    """A `first-attempt-at` in 2200 (or not a string) would keep a message's age at 0 and its
+    retries that spend no attempt (rate limits, an open circuit) going for ever; it is replaced
+    by the time of the real first attempt, on copies through the domain exchange and through
+    the queue alike."""
+    relay = await start_relay()
+    future = {"first-attempt-at": "2200-01-01T00:00:00Z", "delivery-attempts": 1}
+    await publish(pub_channel, names["exchange"], [aio_pika.Message(b"{}", headers=future)])
+    await pub_channel.default_exchange.publish(
+        aio_pika.Message(b"{}", headers=future), routing_key=relay.topology.queue
+    )
+    dead = await wait_for_dead_letters(channel, relay.topology.queue, 2)
+    for letter in dead:
+        stamp = header_time(letter.headers, "first-attempt-at")
+        assert stamp is not None
+        assert stamp <= datetime.now(UTC)
+        assert letter.headers["delivery-attempts"] == 1
+
+
+async def test_header_names_longer_than_amqp_allows_are_dropped_not_cut(
+    start_relay: Callable[..., Awaitable[Any]],
+    pub_channel: AbstractChannel,
+    channel: AbstractChannel,
+    names: dict[str, str],
+) -> None:
+    """RabbitMQ takes header names up to 255 bytes, but AMQP (and so pamqp) allows 128: pamqp
+    used to cut longer names on every copy, silently (two names could even become one). Such a
+    header, at the top or nested, is dropped from the copy and named in `dropped-headers`; a
+    name of exactly 128 bytes is kept."""
+    relay = await start_relay()
+    long_name, nested, exact = "l" * 200, "nested", "e" * 128
+    headers = {long_name: "v", nested: {"inner": {"n" * 129: 1}}, exact: "kept"}
+
+    async def publish_long_names() -> None:
+        LONG_NAMES.set(True)
+        message = aio_pika.Message(b"{}", headers=headers)
+        await publish(pub_channel, names["exchange"], [message])
+
+    await asyncio.create_task(publish_long_names())
+    [dead] = await wait_for_dead_letters(channel, relay.topology.queue, 1)
+    assert dead.headers[exact] == "kept"
+    assert set(str(dead.headers["dropped-headers"]).split(",")) == {long_name, nested}
+    assert not [name for name in dead.headers if name.startswith(("l", "nested"))]

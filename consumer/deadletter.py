@@ -256,6 +256,7 @@ class Republisher:
         topology: Topology,
         *,
         confirm_timeout: float = CONFIRM_TIMEOUT,
+        big_body_bytes: int | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._channel = channel
@@ -264,6 +265,11 @@ class Republisher:
         self._clock = clock
         self._in_flight_ids = KeyedLock()  # see the module docstring: aiormq's return pairing
         self._closing: asyncio.Task[None] | None = None
+        # Copies of bodies over `big_body_bytes` (dead letters of oversized messages) are made
+        # one at a time: framing a copy holds the body twice more, and 64 of them at once
+        # would multiply the worker's memory (docs/operations.md, "Big messages").
+        self._big_body_bytes = big_body_bytes
+        self._one_big_copy = asyncio.Lock()
 
     async def retry(self, message: AbstractIncomingMessage, decision: Retry, error: str) -> None:
         """Park the message in the tier of `decision.delay_ms`; it returns to the work queue."""
@@ -300,11 +306,14 @@ class Republisher:
         copy = copy_message(message, headers)
         try:
             with broker_errors(f"publishing to {queue}"):
-                async with asyncio.timeout(self._confirm_timeout):
-                    async with self._in_flight_ids.held(copy.message_id):
-                        await self._channel.default_exchange.publish(
-                            copy, routing_key=queue, mandatory=True
-                        )
+                async with (
+                    asyncio.timeout(self._confirm_timeout),
+                    self._big_copy_turn(copy),
+                    self._in_flight_ids.held(copy.message_id),
+                ):
+                    await self._channel.default_exchange.publish(
+                        copy, routing_key=queue, mandatory=True
+                    )
         except BrokerError as exc:
             if not isinstance(exc.__cause__, TimeoutError):
                 raise
@@ -313,6 +322,14 @@ class Republisher:
                 f"publishing to {queue} failed: no confirm from the broker within"
                 f" {self._confirm_timeout:g} s (CONSUMER_CONFIRM_TIMEOUT); closing the channel"
             ) from exc
+
+    @contextlib.asynccontextmanager
+    async def _big_copy_turn(self, copy: aio_pika.Message) -> AsyncIterator[None]:
+        if self._big_body_bytes is None or len(copy.body) <= self._big_body_bytes:
+            yield
+            return
+        async with self._one_big_copy:
+            yield
 
     def _abandon_channel(self) -> None:
         """Close the channel after a confirm that never came: the broker may be stuck on it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import struct
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -277,3 +278,63 @@ async def test_header_names_longer_than_amqp_allows_are_dropped_not_cut(
     assert dead.headers[exact] == "kept"
     assert set(str(dead.headers["dropped-headers"]).split(",")) == {long_name, nested}
     assert not [name for name in dead.headers if name.startswith(("l", "nested"))]
+
+
+NESTED_TOO_DEEP = object()  # stands for headers nested 1,200 tables deep (8 KB on the wire)
+
+
+def nested_tables(levels: int) -> bytes:
+    """An AMQP field table holding `levels` tables each inside the next (built without the
+    recursion that pamqp would need, and fail at, to encode it)."""
+    table = struct.pack(">I", 0)
+    for _ in range(levels):
+        entry = b"\x01aF" + table
+        table = struct.pack(">I", len(entry)) + entry
+    return table
+
+
+async def test_headers_nested_too_deep_to_decode_log_one_line_and_a_delivery_limit_clears_them(
+    start_relay: Callable[..., Awaitable[Any]],
+    sim: VercelSimulator,
+    private_broker: PrivateBroker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiormq cannot decode headers nested 1,200 deep (RecursionError): the channel closes
+    before the message reaches our code and the worker reconnects, again and again. Each time
+    aiormq's log line carried a 218 KB traceback; now it is one short line. What takes the
+    message out of the way is the broker's delivery limit (a policy; docs/operations.md): the
+    work queue dead-letters it, and the event behind it gets through (or, having shared its
+    deliveries, is in the DLQ too; kept, not lost)."""
+    encode = pamqp.encode.encode_table_value
+    deep = b"F" + nested_tables(1200)
+    monkeypatch.setattr(
+        pamqp.encode,
+        "encode_table_value",
+        lambda value: deep if value is NESTED_TOO_DEEP else encode(value),
+    )
+    relay = await start_relay(amqp_url=private_broker.url)
+    queue, dlq = relay.topology.queue, relay.topology.dead_letter_queue
+    event_id = f"evt_{uuid.uuid4().hex[:12]}"
+    try:
+        async with await aio_pika.connect(private_broker.url) as connection:
+            channel = await connection.channel(publisher_confirms=True)
+            poison = aio_pika.Message(b"{}", headers={"deep": NESTED_TOO_DEEP})
+            await publish(channel, relay.topology.exchange, [poison])
+            await wait_until(lambda: relay.worker.reconnects >= 2)
+            assert "RecursionError" in relay.log_text()
+            assert max(len(line) for line in relay.log_text().splitlines()) < 2048
+            policy = json.dumps({"delivery-limit": 3})
+            private_broker.ctl("set_policy", "limit-" + queue, f"^{queue}$", policy)
+            await publish(
+                channel, relay.topology.exchange, [aio_pika.Message(body(event_id, event_id))]
+            )
+
+            async def cleared() -> bool:
+                depth = await channel.declare_queue(dlq, passive=True)
+                dead = depth.declaration_result.message_count
+                return dead == 2 or (dead == 1 and event_id in delivered(sim))
+
+            await wait_until(cleared, timeout=60, interval=0.5)
+    finally:
+        private_broker.ctl("clear_policy", "limit-" + queue, check=False)
+        await _delete_topology(private_broker.url, relay.topology)

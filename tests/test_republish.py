@@ -15,12 +15,15 @@ from typing import Any
 
 import aio_pika
 import orjson
+import pamqp.decode
 import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractChannel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from consumer.contract import example_event
-from consumer.deadletter import header_time
+from consumer.deadletter import header_time, publishable_headers
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import Topology
 from tests.brokers import PrivateBroker
@@ -338,3 +341,27 @@ async def test_headers_nested_too_deep_to_decode_log_one_line_and_a_delivery_lim
     finally:
         private_broker.ctl("clear_policy", "limit-" + queue, check=False)
         await _delete_topology(private_broker.url, relay.topology)
+
+
+NAMES = st.text(min_size=1, max_size=140) | st.text(alphabet="é", min_size=60, max_size=70)
+VALUES = st.recursive(
+    st.one_of(st.integers(-(2**31), 2**31 - 1), st.text(max_size=20), st.none()),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(NAMES, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(NAMES, VALUES, max_size=6))
+def test_a_copys_headers_arrive_whole_or_are_named_as_dropped(headers: dict[str, Any]) -> None:
+    """Whatever the names and nesting, the headers of a copy decode to exactly what we meant
+    to send (no name cut short by pamqp), and every header left out is named (as far as the
+    1 KiB list holds; a comma in a name makes the list ambiguous, see docs/contract.md)."""
+    sent = publishable_headers(headers)
+    _, decoded = pamqp.decode.field_table(pamqp.encode.field_table(sent))
+    assert decoded == sent
+    kept = set(sent) - {"dropped-headers"}
+    assert kept <= set(headers)
+    named = str(sent.get("dropped-headers", ""))
+    if not named.endswith("..."):  # the list itself is cut at 1 KiB
+        assert all(name in named for name in set(headers) - kept)

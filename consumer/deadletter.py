@@ -243,9 +243,6 @@ class KeyedLock:
             if not users[0]:
                 del self._locks[key]
 
-    def __len__(self) -> int:
-        return len(self._locks)
-
 
 class Republisher:
     """Publishes copies of deliveries to the retry tiers and the DLQ, with confirms."""

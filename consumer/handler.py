@@ -33,7 +33,13 @@ from aio_pika.abc import AbstractIncomingMessage
 from consumer.accepted import AcceptedMemory
 from consumer.breaker import CircuitBreaker
 from consumer.contract import Event, parse_event
-from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
+from consumer.deadletter import (
+    Republisher,
+    attempts_made,
+    redeliveries,
+    retry_age,
+    trusted_headers,
+)
 from consumer.errors import (
     BrokerError,
     DeliveryError,
@@ -93,7 +99,7 @@ class Handler:
         self._tracer = tracer
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
-        attempts = attempts_made(message.headers) + 1
+        attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
         with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* turns tracing on
             await self._handle(message, attempts)
 
@@ -209,7 +215,8 @@ class Handler:
         attempts: int,
         fields: dict[str, Any],
     ) -> None:
-        age = retry_age(message.headers, datetime.now(UTC))
+        now = datetime.now(UTC)
+        age = retry_age(trusted_headers(message, now), now)
         decision = self._policy.decide(error, attempts, age=age, counted=not self._breaker.is_open)
         try:
             if isinstance(decision, DeadLetter):

@@ -22,9 +22,9 @@ from typing import Any
 
 from consumer import __version__
 from consumer.app import serve
-from consumer.contract import example_event, json_schema
+from consumer.contract import example_event, json_schema, parse_event
 from consumer.dlq.cli import add_dlq_parser
-from consumer.errors import BrokerError, ConfigError, ContractError
+from consumer.errors import BrokerError, ConfigError, ContractError, PublishBatchError
 from consumer.logs import configure_logging
 from consumer.publish.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
@@ -143,11 +143,26 @@ def _add_publish_parser(commands: Any) -> None:
 
 
 def publish_command(args: argparse.Namespace) -> None:
+    """Publish the events pipelined (`publish_many`): all confirmed, or exit 1 after listing
+    those that were."""
     settings = load_settings()
     events = [_event_from_args(args) for _ in range(max(args.count, 1))]
-    asyncio.run(_publish(settings, events, validate=not args.no_validate))
-    for event in events:
-        print(f"published {event.get('type')} {event.get('id')}")
+    if not args.no_validate:
+        for event in events:  # every event checked before any is published (exit 2)
+            body = json.dumps(event).encode()
+            parse_event(body, max_bytes=len(body))
+    try:
+        asyncio.run(_publish(settings, events))
+    except PublishBatchError as exc:
+        _print_published(exc.confirmed, events)
+        raise
+    _print_published([str(event.get("id")) for event in events], events)
+
+
+def _print_published(ids: list[str], events: list[dict[str, Any]]) -> None:
+    types = {str(event.get("id")): event.get("type") for event in events}
+    for event_id in ids:
+        print(f"published {types[event_id]} {event_id}")
 
 
 def _event_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,8 +184,7 @@ def _event_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return example_event(args.type, **fields)
 
 
-async def _publish(settings: Settings, events: list[dict[str, Any]], *, validate: bool) -> None:
+async def _publish(settings: Settings, events: list[dict[str, Any]]) -> None:
     url = settings.amqp_url.get_secret_value()
     async with await EventPublisher.connect(url, exchange=settings.exchange) as publisher:
-        for event in events:
-            await publisher.publish(event, validate=validate)
+        await publisher.publish_many(events, validate=False)

@@ -64,7 +64,7 @@ async def test_publish_with_no_queue_bound_fails_loudly(
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "publishing event" in result.stderr
+    assert "no queue is bound to routing key" in result.stderr
     await channel.exchange_delete(names["exchange"])
 
 

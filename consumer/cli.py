@@ -1,8 +1,9 @@
 """`vercel-consumer`: argument parsing; with consumer/dlq/cli.py the only place that reads
 settings (consumer/app.py wires the parts).
 
-Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (one domain event),
-`schema` (print the contract's JSON Schema), and `dlq stats|list|replay|purge|import`
+Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (domain events),
+`schema` (print the contract's JSON Schema), `asyncapi` (its AsyncAPI 3.0 document), and
+`dlq stats|list|replay|purge|import`
 (dead-letter operations: their commands are in consumer/dlq/cli.py, the mechanics in
 consumer/dlq/ops.py, the runbook in docs/operations.md). Bad configuration or input ends with one
 line on stderr and exit status 2; an unreachable broker, a missing queue or a failed operation
@@ -22,12 +23,14 @@ from typing import Any
 
 from consumer import __version__
 from consumer.app import serve
+from consumer.asyncapi import document, to_yaml
 from consumer.contract import example_event, json_schema, parse_event
 from consumer.dlq.cli import add_dlq_parser
 from consumer.errors import BrokerError, ConfigError, ContractError, PublishBatchError
 from consumer.logs import configure_logging
 from consumer.publish.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
+from consumer.topology import Topology
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -62,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     add_dlq_parser(commands)
     schema = commands.add_parser("schema", help="print the message contract's JSON Schema")
     schema.set_defaults(command=lambda _: print(json.dumps(json_schema(), indent=2)))
+    _add_asyncapi_parser(commands)
     return parser
 
 
@@ -115,6 +119,21 @@ def _split_pair(pair: str) -> tuple[str, str]:
     if not sep or not name or not value:
         raise ConfigError(f"expected INSTALLATION=TOKEN, got {pair.split('=')[0]!r}=…")
     return name, value
+
+
+def _add_asyncapi_parser(commands: Any) -> None:
+    asyncapi = commands.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of the message contract (YAML)"
+    )
+    defaults = Settings.model_fields
+    asyncapi.add_argument("--exchange", default=defaults["exchange"].default)
+    asyncapi.add_argument("--queue", default=defaults["queue"].default)
+    asyncapi.set_defaults(command=asyncapi_command)
+
+
+def asyncapi_command(args: argparse.Namespace) -> None:
+    topology = Topology(exchange=args.exchange, queue=args.queue, retry_tiers_ms=())
+    print(to_yaml(document(topology)), end="")
 
 
 # ── publish ──────────────────────────────────────────────────────────────────────────────────

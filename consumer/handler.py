@@ -8,6 +8,9 @@ Each outcome and each call to Vercel is counted in `Metrics`; a valid W3C `trace
 header is forwarded to Vercel and its trace id logged. Everything it needs is built once and
 passed in; nothing is constructed per message.
 
+The body is our contract's, or a CloudEvent in either content mode (consumer/cloudevents.py),
+whose attributes join the log line as `ce_*` fields.
+
 Before sending, a message waits for its installation's rate limit and the global one: a short
 wait is held in place, a longer one is deferred to a retry tier (without spending an attempt)
 so that it does not hold a consumer slot the other installations need. Every Vercel call is
@@ -26,7 +29,8 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumer.breaker import CircuitBreaker
-from consumer.contract import Event, parse_event
+from consumer.cloudevents import parse_message
+from consumer.contract import Event
 from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
 from consumer.errors import (
     BrokerError,
@@ -92,8 +96,10 @@ class Handler:
         started = time.perf_counter()
         try:
             self._check_redeliveries(message)
-            event = parse_event(message.body, max_bytes=self._max_body_bytes)
-            fields.update(_event_fields(event))
+            event, cloudevent = parse_message(
+                message.headers, message.content_type, message.body, max_bytes=self._max_body_bytes
+            )
+            fields.update(_event_fields(event), **cloudevent)
             token = self._tokens.token_for(event.installation_id)
             delivered = await self._send(event, token, trace_headers)
         except DeliveryError as error:

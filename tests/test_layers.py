@@ -17,6 +17,8 @@ LAYERS = {
     "dlq.progress": 1,
     "contract": 2,
     "translate": 2,
+    "cloudevents": 2,
+    "asyncapi": 4,
     "retry": 2,
     "tracing": 2,
     "breaker": 2,
@@ -40,7 +42,16 @@ LAYERS = {
     "dlq.cli": 6,
     "__main__": 7,
 }
-PURE = ("contract", "translate", "retry", "tracing", "breaker", "ratelimit", "dlq.export")
+PURE = (
+    "contract",
+    "cloudevents",
+    "translate",
+    "retry",
+    "tracing",
+    "breaker",
+    "ratelimit",
+    "dlq.export",
+)
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
 

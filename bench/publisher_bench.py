@@ -7,7 +7,9 @@ events published with `publish_many` (contract check, persistent, mandatory, con
 time until the last confirm, and the queue's count afterwards (which must equal N). The same
 with aio-pika alone (no contract check, no reconnect, no per-id lock: `exchange.publish` of a
 prepared message, C at once) says what the publisher's own layer costs. Prints one line per
-C and the machine's load average, since the figures depend on what else runs.
+C and the machine's load average, since the figures depend on what else runs, and the
+client's own CPU seconds per 1,000 messages, which depend much less on it (the broker's CPU
+is not counted: on a shared broker it is not ours alone).
 Target (issue 12): at least 5,000 confirmed msg/s with a quorum queue on 2 cores.
 """
 
@@ -77,13 +79,14 @@ async def measure(url: str, messages: int, in_flight: int, publish: Publish) -> 
         )
         await queue.bind(exchange, "resource.#")
         batch = events(messages)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await publish(url, exchange_name, batch, in_flight)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
         counted = await queue_count(channel, queue_name, messages)
         await channel.queue_delete(queue_name)
         await channel.exchange_delete(exchange_name)
-    return messages / elapsed, counted
+    return messages / elapsed, cpu / messages * 1000, counted
 
 
 async def queue_count(channel: aio_pika.abc.AbstractChannel, name: str, expected: int) -> int:
@@ -112,11 +115,12 @@ async def main(args: argparse.Namespace) -> None:
             ("EventPublisher", with_publisher),
             ("aio-pika alone", with_aio_pika),
         ):
-            rate, counted = await measure(args.amqp_url, args.messages, in_flight, publish)
+            rate, cpu, counted = await measure(args.amqp_url, args.messages, in_flight, publish)
             verdict = "met" if rate >= TARGET else "NOT met"
             print(
                 f"{name:<15} in flight {in_flight:>5}: {args.messages} confirmed, queue count"
-                f" {counted}, {rate:,.0f} msg/s (target {TARGET:,}: {verdict})"
+                f" {counted}, {rate:,.0f} msg/s (target {TARGET:,}: {verdict}); client CPU"
+                f" {cpu:.3f} s per 1,000 (one free core: at most {1000 / cpu:,.0f} msg/s)"
             )
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"load average after: {load}")

@@ -92,6 +92,7 @@ class EventPublisher:
         self._exchange_name = exchange
         self._name = name
         self._timeout = timeout
+        self._max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
         self._ids = _KeyedLocks()
         self._link: _Link | None = None
@@ -129,20 +130,30 @@ class EventPublisher:
         PublishBatchError (after every publish has ended) naming the confirmed ids and each
         failed id with its error (ContractError for an invalid event, a PublishError)."""
         batch = list(events)
-        outcomes = await asyncio.gather(
-            *(self.publish(event, validate=validate) for event in batch), return_exceptions=True
-        )
-        confirmed: list[str] = []
-        failures: list[tuple[str, ConsumerError]] = []
-        for event, outcome in zip(batch, outcomes, strict=True):
-            event_id = str(event.get("id"))
-            if outcome is None:
-                confirmed.append(event_id)
-            elif isinstance(outcome, ConsumerError):
-                failures.append((event_id, outcome))
-            else:
-                raise outcome  # a bug or a cancellation, not a broker outcome
+        outcomes: list[ConsumerError | None] = [None] * len(batch)
+        queue = iter(range(len(batch)))
+
+        async def worker() -> None:
+            # A few workers taking events in turn, rather than a task per event waiting on
+            # the semaphore: a batch of 100,000 costs 100,000 coroutines, not tasks.
+            for index in queue:
+                try:
+                    await self.publish(batch[index], validate=validate)
+                except ConsumerError as error:
+                    outcomes[index] = error
+
+        await asyncio.gather(*(worker() for _ in range(min(len(batch), self._max_in_flight))))
+        failures = [
+            (str(event.get("id")), error)
+            for event, error in zip(batch, outcomes, strict=True)
+            if error is not None
+        ]
         if failures:
+            confirmed = [
+                str(event.get("id"))
+                for event, error in zip(batch, outcomes, strict=True)
+                if error is None
+            ]
             raise PublishBatchError(confirmed, failures)
 
     async def publish_raw(

@@ -85,6 +85,29 @@ async def test_concurrent_publishes_of_one_id_are_each_confirmed_or_returned_cor
     assert len(await message_ids(channel, topic, 20)) == 20
 
 
+async def test_many_tasks_share_one_publisher(
+    topic: str, names: dict[str, str], channel: AbstractChannel
+) -> None:
+    """40 tasks publishing 25 events each at once, every fifth id shared by two tasks, with
+    at most 8 in flight: every publish returns confirmed and every id is in the queue."""
+    shared = [event() for _ in range(100)]
+    own = [[event() for _ in range(20)] for _ in range(40)]
+    batches = [own[n] + shared[(n % 20) * 5 : (n % 20) * 5 + 5] for n in range(40)]
+    async with await EventPublisher.connect(
+        AMQP_URL, exchange=names["exchange"], max_in_flight=8
+    ) as publisher:
+
+        async def publish_all(batch: list[dict[str, str]]) -> None:
+            for item in batch:
+                await publisher.publish(item)
+
+        await asyncio.gather(*(publish_all(batch) for batch in batches))
+    expected = {e["id"] for batch in batches for e in batch}
+    received = await message_ids(channel, topic, 1000)
+    assert len(received) == 1000  # 800 own + 100 shared ids published twice each
+    assert set(received) == expected
+
+
 async def test_publish_many_reports_which_ids_were_confirmed(
     topic: str, names: dict[str, str], channel: AbstractChannel
 ) -> None:

@@ -65,3 +65,16 @@ async def test_an_unroutable_typescript_publish_fails_loudly(
     assert status == 1
     assert "no queue bound" in stderr
     assert "published" not in stdout
+
+
+async def test_the_example_typechecks() -> None:
+    """`tsc --noEmit` (strict) finds no type error in publish.ts."""
+    process = await asyncio.create_subprocess_exec(
+        str(EXAMPLE / "node_modules" / ".bin" / "tsc"),
+        "--noEmit",
+        cwd=EXAMPLE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, output.decode()

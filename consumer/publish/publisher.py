@@ -49,6 +49,7 @@ from consumer.errors import (
     PublishTimeout,
     PublishUnroutable,
 )
+from consumer.logs import get_logger
 from consumer.topology import broker_errors, connect, open_channel
 
 APP_ID = "vercel-event-consumer.publisher"
@@ -56,6 +57,7 @@ MAX_IN_FLIGHT = 1024  # publishes awaiting their confirm at once
 PUBLISH_TIMEOUT = 30.0  # seconds a publish may take, reconnects included
 RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between attempts, the last repeats
 _JITTER = (0.8, 1.2)
+_log = get_logger("consumer.publish")
 
 
 class _Link:
@@ -212,12 +214,19 @@ class EventPublisher:
                 if self._link is not None:
                     await self._drop_link()
                     self.reconnects += 1
+                    _log.warning("publisher lost its connection; reconnecting")
                 try:
                     self._link = await self._open_link()
-                except BrokerError:
+                except BrokerError as error:
                     if not wait:
                         raise
-                    await asyncio.sleep(_backoff(attempt))
+                    delay = _backoff(attempt)
+                    _log.warning(
+                        "publisher cannot reach the broker",
+                        error=str(error),
+                        retry_in_s=round(delay, 2),
+                    )
+                    await asyncio.sleep(delay)
                     attempt += 1
             return self._link
 

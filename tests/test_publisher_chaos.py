@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumer.errors import PublishBatchError, PublishError
@@ -25,6 +26,7 @@ BATCH = 250
 
 @dataclass
 class PublishOutcome:
+    scenario: str
     confirmed: set[str]
     raised: dict[str, str]  # id -> error type
     received: set[str]
@@ -35,7 +37,7 @@ class PublishOutcome:
             f"{k}={list(self.raised.values()).count(k)}" for k in set(self.raised.values())
         )
         return (
-            f"publisher chaos: published={TOTAL} confirmed={len(self.confirmed)}"
+            f"publisher chaos ({self.scenario}): published={TOTAL} confirmed={len(self.confirmed)}"
             f" raised={len(self.raised)}{f' ({kinds})' if kinds else ''}"
             f" received={len(self.received)} confirmed_but_missing="
             f"{len(self.confirmed - self.received)} reconnects={self.reconnects}"
@@ -93,12 +95,14 @@ async def receive_all(url: str, queue: str, outcome: PublishOutcome) -> None:
         await channel.exchange_delete(queue)
 
 
+@pytest.mark.parametrize("publish_timeout", [60.0, 2.0], ids=["patient", "impatient"])
 async def test_no_confirmed_publish_is_lost_across_restarts_and_connection_kills(
-    private_broker: PrivateBroker,
+    private_broker: PrivateBroker, publish_timeout: float
 ) -> None:
     """10,000 publishes through two connection kills and a restart: each one either
     confirmed or raised a PublishError (none left unaccounted), and 0 confirmed ids are
-    missing from the queue."""
+    missing from the queue. With a 60 s timeout the publisher rides out every fault; with
+    2 s the publishes caught in the restart raise PublishTimeout instead."""
     name = f"test-pubchaos-{uuid.uuid4().hex[:8]}"
     async with await aio_pika.connect(private_broker.url) as connection:
         channel = await connection.channel()
@@ -107,9 +111,9 @@ async def test_no_confirmed_publish_is_lost_across_restarts_and_connection_kills
             name, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await queue.bind(exchange, "#")
-    outcome = PublishOutcome(set(), {}, set(), 0)
+    outcome = PublishOutcome(f"timeout {publish_timeout:g} s", set(), {}, set(), 0)
     publisher = await EventPublisher.connect(
-        private_broker.url, exchange=name, timeout=60, max_in_flight=256
+        private_broker.url, exchange=name, timeout=publish_timeout, max_in_flight=256
     )
     async with publisher:
         chaos = asyncio.create_task(faults(private_broker, outcome))
@@ -119,4 +123,6 @@ async def test_no_confirmed_publish_is_lost_across_restarts_and_connection_kills
     REPORTS.append(outcome)
     assert len(outcome.confirmed) + len(outcome.raised) == TOTAL, outcome.line()
     assert outcome.confirmed - outcome.received == set(), outcome.line()
-    assert outcome.reconnects >= 3, outcome.line()
+    # Each fault that meets a live connection costs a reconnect; one may land while the
+    # publisher is between connections already (the count is one per lost link).
+    assert outcome.reconnects >= 2, outcome.line()

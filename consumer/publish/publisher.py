@@ -96,7 +96,7 @@ class EventPublisher:
         self._timeout = timeout
         self._max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._ids = _KeyedLocks()
+        self._busy: dict[str, asyncio.Future[None]] = {}  # event id → its publish under way
         self._link: _Link | None = None
         self._linking = asyncio.Lock()
         self._closed = False
@@ -168,7 +168,7 @@ class EventPublisher:
         content_type: str = "application/json",
     ) -> None:
         """Publish a body as it is, routed by `event_type`, and wait for its confirm."""
-        async with self._slots, self._ids.hold(event_id):
+        async with self._slots, self._one_at_a_time(event_id):
             try:
                 async with asyncio.timeout(self._timeout):
                     await self._publish_until_confirmed(
@@ -179,6 +179,18 @@ class EventPublisher:
                     f"event {event_id} not confirmed within {self._timeout:g} s",
                     event_id=event_id,
                 ) from None
+
+    @asynccontextmanager
+    async def _one_at_a_time(self, event_id: str) -> AsyncIterator[None]:
+        """Hold `event_id` for the block: a publish of the same id waits for this one."""
+        while (busy := self._busy.get(event_id)) is not None:
+            await asyncio.wait({busy})  # not `await busy`: a cancelled waiter would cancel it
+        done = self._busy[event_id] = asyncio.get_running_loop().create_future()
+        try:
+            yield
+        finally:
+            del self._busy[event_id]
+            done.set_result(None)
 
     async def _publish_until_confirmed(
         self, body: bytes, event_id: str, event_type: str, headers: dict[str, Any], ctype: str
@@ -313,30 +325,3 @@ async def _close_quietly(connection: AbstractConnection) -> None:
             await connection.close()
     except Exception:  # noqa: BLE001, S110 - it is being discarded; a dead one may not close
         pass
-
-
-class _KeyedLocks:
-    """One lock per key, kept only while someone holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, _Entry] = {}
-
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        entry = self._locks.setdefault(key, _Entry())
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._locks[key]
-
-
-class _Entry:
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,7 +67,7 @@ def amqp_binary(event: CloudEvent, prefix: str = "cloudEvents_") -> Wire:
     return headers, message.properties.get("content-type"), message.application_data
 
 
-WIRES = {
+WIRES: dict[str, Callable[[CloudEvent], Wire]] = {
     "structured": structured,
     "binary ce-": rabbitmq_binary,
     "binary ce_": lambda e: rabbitmq_binary(e, "ce_"),

@@ -126,6 +126,22 @@ async def test_publish_many_reports_which_ids_were_confirmed(
     assert sorted(await message_ids(channel, topic, 5)) == sorted(e["id"] for e in good)
 
 
+async def test_a_deleted_exchange_is_declared_again_and_the_publish_reported_unroutable(
+    names: dict[str, str], channel: AbstractChannel
+) -> None:
+    """Someone deletes the exchange under the publisher: the broker closes its channel (404);
+    the publisher reconnects, declares the exchange again and, since no queue is bound to it
+    any more, raises PublishUnroutable rather than timing out or claiming success."""
+    async with await EventPublisher.connect(
+        AMQP_URL, exchange=names["exchange"], timeout=20
+    ) as publisher:
+        await channel.exchange_delete(names["exchange"])
+        with pytest.raises(PublishUnroutable):
+            await publisher.publish(event())
+        assert publisher.reconnects == 1
+    await channel.exchange_delete(names["exchange"])
+
+
 async def test_an_unreachable_broker_fails_connect_with_one_sentence() -> None:
     """connect() to a port nothing listens on raises BrokerError naming the address only."""
     with pytest.raises(BrokerError, match=r"127\.0\.0\.1:1\b") as caught:

@@ -9,6 +9,7 @@ import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import aio_pika
 import pytest
@@ -72,8 +73,12 @@ async def faults(broker: PrivateBroker, outcome: PublishOutcome) -> None:
         (6000, broker.close_all_connections),
     ]
     for threshold, fault in steps:
-        await wait_until(lambda t=threshold: len(outcome.confirmed) >= t, timeout=300)
+        await wait_until(partial(_reached, outcome, threshold), timeout=300)
         await asyncio.to_thread(fault)
+
+
+def _reached(outcome: PublishOutcome, threshold: int) -> bool:
+    return len(outcome.confirmed) >= threshold
 
 
 async def receive_all(url: str, queue: str, outcome: PublishOutcome) -> None:

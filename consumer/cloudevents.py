@@ -66,20 +66,28 @@ def parse_message(
 
 
 def binary_attributes(headers: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The CloudEvent attributes among `headers`, or None when they hold no `specversion`."""
+    """The CloudEvent attributes among `headers`, or None when they hold no `specversion`
+    (then nothing about them is an error: the message is our own body with its headers)."""
     attributes: dict[str, Any] = {}
-    for key, value in headers.items():
+    problems: list[str] = []
+    for key, raw in headers.items():
         name = _attribute_name(str(key))
         if name is None:
             continue
-        value = _header_value(value)
-        if name in attributes and attributes[name] != value:
-            raise ContractError(
-                f"CloudEvent (binary mode): attribute {name!r} is given twice with different"
-                f" values (header {key!r})"
+        value = _header_value(raw)
+        if value is None:
+            problems.append(f"header {key!r} is not UTF-8")
+        elif name in attributes and attributes[name] != value:
+            problems.append(
+                f"attribute {name!r} is given twice with different values (header {key!r})"
             )
-        attributes[name] = value
-    return attributes if "specversion" in attributes else None
+        else:
+            attributes[name] = value
+    if "specversion" not in attributes:
+        return None
+    if problems:
+        raise ContractError(f"CloudEvent (binary mode): {problems[0]}")
+    return attributes
 
 
 def _attribute_name(key: str) -> str | None:
@@ -92,11 +100,12 @@ def _attribute_name(key: str) -> str | None:
 
 
 def _header_value(value: Any) -> Any:
+    """A header's value, bytes decoded; None for bytes that are not UTF-8."""
     if isinstance(value, bytes | bytearray):
         try:
             return bytes(value).decode()
         except UnicodeDecodeError:
-            raise ContractError("CloudEvent (binary mode): a header is not UTF-8") from None
+            return None
     return value
 
 

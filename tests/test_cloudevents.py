@@ -130,6 +130,17 @@ def ce_json(**fields: Any) -> bytes:
     return json.dumps({**attributes, "time": TIME, "data": {}, **fields}).encode()
 
 
+def test_headers_that_look_like_attributes_do_not_spoil_our_own_body() -> None:
+    """Without a specversion header the message is our own body: attribute-like headers that
+    disagree or are not UTF-8 are not errors (they would be on a CloudEvent)."""
+    body = json.dumps(
+        {"id": "e", "type": "billing.plan_changed", "occurred_at": TIME, "installation_id": "i"}
+    ).encode()
+    headers = {"ce-id": "a", "id": "b", "type": b"\xff\xfe"}
+    event, fields = parse_message(headers, "application/json", body, max_bytes=LIMIT)
+    assert (event.id, fields) == ("e", {})
+
+
 INVALID: dict[str, tuple[Wire, str]] = {
     "no time": (
         (
@@ -191,6 +202,10 @@ INVALID: dict[str, tuple[Wire, str]] = {
     "two prefixes disagree": (
         ({"ce-specversion": "1.0", "cloudEvents_id": "a", "ce_id": "b"}, None, b"{}"),
         "CloudEvent (binary mode): attribute 'id' is given twice with different values",
+    ),
+    "header not UTF-8": (
+        ({"ce-specversion": "1.0", "ce-source": b"\xff"}, None, b"{}"),
+        "CloudEvent (binary mode): header 'ce-source' is not UTF-8",
     ),
     "base64 data": (
         ({}, "application/cloudevents+json", b'{"specversion": "1.0", "data_base64": "e30="}'),

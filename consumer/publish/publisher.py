@@ -16,7 +16,8 @@ a silent drop.
   `max_in_flight` awaiting their confirms at once; each is awaited on its own.
 - **Reconnects:** a publish that meets a lost connection or channel reconnects (with backoff,
   through `topology.connect`, so to the next URL of a multi-URL setting) and publishes again,
-  until it is confirmed or its `timeout` (seconds, reconnects included) runs out. A message
+  until it is confirmed or its `timeout` runs out (seconds, reconnects included, counted from
+  when the publish gets one of the `max_in_flight` slots). A message
   whose confirm was lost with the connection may then be queued twice: consumers are
   at-least-once and dedupe by id.
 - **Duplicate ids:** aiormq pairs a basic.return with its publish by `message_id` (the latest

@@ -39,6 +39,17 @@ def document(topology: Topology) -> dict[str, Any]:
         + ". Retry tiers dead-letter back into it.",
         ["domainEvent", "cloudEventStructured", "cloudEventBinary"],
     )
+    channels["retryTiers"] = {
+        **_queue_channel(
+            topology.retry_queue(0).removesuffix("0ms") + "{delayMs}ms",
+            {**dead_lettering_to(topology.queue), "x-message-ttl": "<delayMs>"},
+            "One quorum queue per retry delay (CONSUMER_RETRY_DELAYS, spread by up to 20 %): a"
+            " message waits there for the queue's TTL, then the broker dead-letters it back"
+            " to the work queue.",
+            ["retry"],
+        ),
+        "parameters": {"delayMs": {"description": "The tier's delay in milliseconds."}},
+    }
     channels["deadLetters"] = _queue_channel(
         topology.dead_letter_queue,
         {"x-queue-type": "quorum"},
@@ -149,6 +160,12 @@ def _operations(families: dict[str, str]) -> dict[str, Any]:
         "summary": "The relay consumes, calls Vercel, acks after a 2xx or a confirmed copy.",
         "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING_VERSION}},
     }
+    operations["retryLater"] = {
+        "action": "send",
+        "channel": {"$ref": "#/channels/retryTiers"},
+        "summary": "The relay parks a transiently failed delivery in a retry tier.",
+        "bindings": publish_binding,
+    }
     operations["deadLetter"] = {
         "action": "send",
         "channel": {"$ref": "#/channels/deadLetters"},
@@ -233,6 +250,12 @@ def _messages() -> dict[str, Any]:
             },
             "payload": {"type": "object"},
         },
+        "retry": {
+            "name": "Retry",
+            "title": "A delivery waiting for its next attempt",
+            "headers": _relay_headers(),
+            "payload": {"description": "The original body, byte for byte."},
+        },
         "deadLetter": {
             "name": "DeadLetter",
             "title": "A dead letter: the original message and why it stopped",
@@ -256,27 +279,37 @@ def _ce_attributes() -> dict[str, Any]:
     return attributes
 
 
-def _dead_letter_headers() -> dict[str, Any]:
+def _relay_headers() -> dict[str, Any]:
+    """The headers the relay puts on each copy it makes (retry or dead letter)."""
     text = {"type": "string"}
     return {
         "type": "object",
-        "required": [deadletter.REASON, deadletter.DETAIL, deadletter.DEAD_LETTERED_AT],
         "properties": {
-            deadletter.REASON: {"type": "string", "enum": [reason.value for reason in Reason]},
-            deadletter.DETAIL: {**text, "maxLength": deadletter.MAX_DETAIL_BYTES},
-            deadletter.HTTP_STATUS: {"type": "integer"},
             deadletter.ATTEMPTS: {"type": "integer"},
             deadletter.FIRST_ATTEMPT_AT: _TIME,
-            deadletter.DEAD_LETTERED_AT: _TIME,
             deadletter.ORIGINAL_EXCHANGE: text,
             deadletter.ORIGINAL_ROUTING_KEY: text,
             deadletter.ORIGINAL_USER_ID: text,
             deadletter.LAST_ERROR: text,
-            deadletter.REPLAY_COUNT: {"type": "integer"},
-            deadletter.REPLAYED_AT: _TIME,
             deadletter.DROPPED_HEADERS: text,
         },
     }
+
+
+def _dead_letter_headers() -> dict[str, Any]:
+    headers = _relay_headers()
+    headers["required"] = [deadletter.REASON, deadletter.DETAIL, deadletter.DEAD_LETTERED_AT]
+    headers["properties"].update(
+        {
+            deadletter.REASON: {"type": "string", "enum": [reason.value for reason in Reason]},
+            deadletter.DETAIL: {"type": "string", "maxLength": deadletter.MAX_DETAIL_BYTES},
+            deadletter.HTTP_STATUS: {"type": "integer"},
+            deadletter.DEAD_LETTERED_AT: _TIME,
+            deadletter.REPLAY_COUNT: {"type": "integer"},
+            deadletter.REPLAYED_AT: _TIME,
+        }
+    )
+    return headers
 
 
 def to_yaml(value: Any, indent: int = 0) -> str:

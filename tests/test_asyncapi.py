@@ -51,6 +51,7 @@ def test_the_document_carries_the_codes_contract() -> None:
     assert "ce-specversion" in messages["cloudEventBinary"]["headers"]["required"]
     reasons = messages["deadLetter"]["headers"]["properties"]["dead-letter-reason"]["enum"]
     assert reasons == [reason.value for reason in Reason]
+    assert parsed["channels"]["retryTiers"]["address"] == "vercel-events.retry.{delayMs}ms"
     schemas = parsed["components"]["schemas"]
     assert schemas["ResourceEvent"] == json_schema()["$defs"]["ResourceEvent"]
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -169,7 +169,8 @@ class EventPublisher:
         content_type: str = "application/json",
     ) -> None:
         """Publish a body as it is, routed by `event_type`, and wait for its confirm."""
-        async with self._slots, self._one_at_a_time(event_id):
+        async with self._slots:
+            done = await self._claim(event_id)
             try:
                 async with asyncio.timeout(self._timeout):
                     await self._publish_until_confirmed(
@@ -180,18 +181,17 @@ class EventPublisher:
                     f"event {event_id} not confirmed within {self._timeout:g} s",
                     event_id=event_id,
                 ) from None
+            finally:
+                del self._busy[event_id]
+                done.set_result(None)  # the next publish of this id may go
 
-    @asynccontextmanager
-    async def _one_at_a_time(self, event_id: str) -> AsyncIterator[None]:
-        """Hold `event_id` for the block: a publish of the same id waits for this one."""
+    async def _claim(self, event_id: str) -> asyncio.Future[None]:
+        """Wait until no publish of `event_id` is under way, then mark this one as it."""
         while (busy := self._busy.get(event_id)) is not None:
             await asyncio.wait({busy})  # not `await busy`: a cancelled waiter would cancel it
-        done = self._busy[event_id] = asyncio.get_running_loop().create_future()
-        try:
-            yield
-        finally:
-            del self._busy[event_id]
-            done.set_result(None)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._busy[event_id] = done
+        return done
 
     async def _publish_until_confirmed(
         self, body: bytes, event_id: str, event_type: str, headers: dict[str, Any], ctype: str
@@ -219,6 +219,9 @@ class EventPublisher:
         """The current link; a new one if it is `stale` or unusable (one task reconnects,
         the others wait for it), retrying with backoff until the caller's deadline unless
         not to `wait` (then BrokerError)."""
+        link = self._link
+        if link is not None and link is not stale and link.usable and not self._closed:
+            return link  # the common case, without queueing on the lock
         async with self._linking:
             attempt = 0
             while self._link is None or self._link is stale or not self._link.usable:

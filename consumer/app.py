@@ -59,7 +59,12 @@ def build_worker(
             vercel=vercel,
             tokens=tokens,
             policy=policy,
-            republisher=Republisher(channel, topology),
+            republisher=Republisher(
+                channel,
+                topology,
+                confirm_timeout=settings.confirm_timeout,
+                big_body_bytes=settings.max_body_bytes,
+            ),
             breaker=breaker,
             limits=limits,
             rate=rate,

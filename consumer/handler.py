@@ -9,6 +9,9 @@ header is forwarded to Vercel and its trace id logged; with OTEL_* set, each del
 Vercel call is also a span (consumer/otel.py), and the call's own context is forwarded.
 Everything it needs is built once and passed in; nothing is constructed per message.
 
+The body is our contract's, or a CloudEvent in either content mode (consumer/cloudevents.py),
+whose attributes join the log line as `ce_*` fields.
+
 Before sending, a message waits for its installation's rate limit and the global one: a short
 wait is held in place, a longer one is deferred to a retry tier (without spending an attempt)
 so that it does not hold a consumer slot the other installations need. Every Vercel call is
@@ -32,8 +35,15 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from consumer.accepted import AcceptedMemory
 from consumer.breaker import CircuitBreaker
-from consumer.contract import Event, parse_event
-from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
+from consumer.cloudevents import parse_message
+from consumer.contract import Event
+from consumer.deadletter import (
+    Republisher,
+    attempts_made,
+    redeliveries,
+    retry_age,
+    trusted_headers,
+)
 from consumer.errors import (
     BrokerError,
     DeliveryError,
@@ -95,7 +105,7 @@ class Handler:
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         fields: dict[str, Any] = {"event_id": message.message_id}
         try:
-            attempts = attempts_made(message.headers) + 1
+            attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
             with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* sets tracing
                 await self._handle(message, attempts, fields)
         except Exception as exc:  # noqa: BLE001 - last resort: the slot and the message go back
@@ -112,8 +122,10 @@ class Handler:
         started = time.perf_counter()
         try:
             self._check_redeliveries(message)
-            event = parse_event(message.body, max_bytes=self._max_body_bytes)
-            fields.update(_event_fields(event))
+            event, cloudevent = parse_message(
+                message.headers, message.content_type, message.body, max_bytes=self._max_body_bytes
+            )
+            fields.update(_event_fields(event), **cloudevent)
             if message.redelivered and self._accepted.holds(event.id, message.body):
                 await self._skip_accepted(message, fields)
                 return
@@ -216,7 +228,8 @@ class Handler:
         fields: dict[str, Any],
     ) -> None:
         try:
-            age = retry_age(message.headers, datetime.now(UTC))
+            now = datetime.now(UTC)
+            age = retry_age(trusted_headers(message, now), now)
             counted = not self._breaker.is_open
             decision = self._policy.decide(error, attempts, age=age, counted=counted)
             if isinstance(decision, DeadLetter):

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(25.0, ge=0, le=3600)
     max_retry_age: float = Field(86_400.0, gt=0, le=30 * 86_400)
     max_redeliveries: int = Field(10, ge=1, le=1000)
+    confirm_timeout: float = Field(30.0, gt=0, le=3600)
     breaker_failure_ratio: float = Field(0.8, gt=0, le=1)
     breaker_window: int = Field(50, ge=4, le=10_000)
     breaker_probe_delays: Annotated[tuple[float, ...], NoDecode] = (1, 2, 5, 10, 30)

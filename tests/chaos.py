@@ -51,7 +51,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -64,7 +64,13 @@ from consumer.topology import Topology, declare, open_channel
 
 REPO = Path(__file__).resolve().parent.parent
 CHAOS_TOKENS = {"icfg_alpha": "tok_alpha_s3cr3t", "icfg_beta": "tok_beta_s3cr3t"}
-REPORTS: list[ChaosReport] = []  # every checked report of this run, for the summary
+
+
+class Reported(Protocol):
+    def line(self) -> str: ...
+
+
+REPORTS: list[Reported] = []  # every checked report of this run, for the summary
 
 
 # ── the invariant checker ────────────────────────────────────────────────────────────────────

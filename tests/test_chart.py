@@ -553,6 +553,7 @@ CONFIG_VARIABLES = {
     "maxRedeliveries": ("CONSUMER_MAX_REDELIVERIES", 4, "4"),
     "maxBodyBytes": ("CONSUMER_MAX_BODY_BYTES", 1048576, "1048576"),
     "shutdownTimeout": ("CONSUMER_SHUTDOWN_TIMEOUT", 40, "40"),
+    "confirmTimeout": ("CONSUMER_CONFIRM_TIMEOUT", 12.5, "12.5"),
     "breakerFailureRatio": ("CONSUMER_BREAKER_FAILURE_RATIO", 0.5, "0.5"),
     "breakerWindow": ("CONSUMER_BREAKER_WINDOW", 20, "20"),
     "breakerProbeDelays": ("CONSUMER_BREAKER_PROBE_DELAYS", [3, 60], "3,60"),
@@ -669,19 +670,27 @@ def test_schema_bounds_match_the_worker_settings() -> None:
     assert compared >= 10
 
 
-def test_config_or_broker_change_rolls_pods_but_a_token_change_does_not(chart: helm.Chart) -> None:
-    """Checksums in the pod template change with the config or broker URL, not with tokens."""
+def test_a_config_change_rolls_pods_and_no_secret_leaves_a_hash_behind(chart: helm.Chart) -> None:
+    """The config checksum in the pod template changes with the config. Nothing in the pod
+    template is derived from a Secret: an unsalted SHA-256 of the broker URL used to be there
+    (`checksum/secret`), readable by anyone who may read pods, and enough to check a guessed
+    password offline. So a new URL or token leaves the template as it was (restart by hand)."""
 
-    def annotations(values: dict[str, Any]) -> dict[str, str]:
-        template = render(chart, values).one("Deployment")["spec"]["template"]
-        return dict(template["metadata"]["annotations"])
+    def template(values: dict[str, Any]) -> dict[str, Any]:
+        return dict(render(chart, values).one("Deployment")["spec"]["template"])
 
-    base = annotations({})
-    assert annotations({"config": {"concurrency": 8}})["checksum/config"] != base["checksum/config"]
-    new_url = annotations({"amqp": {"url": "amqp://relay:other@rabbitmq:5672/"}})
-    assert new_url["checksum/secret"] != base["checksum/secret"]
+    base = template({})
+    changed = template({"config": {"concurrency": 8}})
+    annotations = base["metadata"]["annotations"]
+    assert changed["metadata"]["annotations"]["checksum/config"] != annotations["checksum/config"]
+    assert "checksum/secret" not in annotations
+    url = "amqp://relay:0ther-s3cret@rabbitmq:5672/"
+    with_url = template({"amqp": {"url": url}, "tokens": {"fallback": {"token": "tok_fb"}}})
+    assert with_url == template({"tokens": {"fallback": {"token": "tok_other"}}})
+    secret = render(chart, {"amqp": {"url": url}}).one("Secret", FULLNAME)
+    assert secret["data"]["amqp-url"] not in json.dumps(with_url)
     # Tokens are files the worker re-reads: rotating one needs no restart.
-    assert annotations({"tokens": {"installations": {"icfg_x": "tok_x"}}}) == base
+    assert template({"tokens": {"installations": {"icfg_x": "tok_x"}}}) == base
 
 
 # ── values.schema.json ───────────────────────────────────────────────────────────────────────
@@ -855,13 +864,17 @@ def test_dlq_replay_arguments_parse_with_the_cli(chart: helm.Chart) -> None:
 
 
 def test_dlq_replay_job_is_renamed_only_when_its_settings_change(chart: helm.Chart) -> None:
-    """Same settings keep the (finished) Job; new filters or a new runId make a new one."""
+    """Same settings keep the (finished) Job; new filters, a new runId or a new pod template
+    (image, resources) make a new one."""
 
     def job_name(extra: dict[str, Any]) -> str:
         return render(chart, merged(ALL_ON, extra)).one("Job")["metadata"]["name"]
 
     first = job_name({})
     assert job_name({"replicaCount": 7, "config": {"logLevel": "debug"}}) == first
+    # Its pod template is immutable: `helm upgrade` to a new image used to fail on the old Job.
+    assert job_name({"image": {"tag": "9.9.9"}}) != first
+    assert job_name({"dlqReplay": {"resources": {"limits": {"memory": "1Gi"}}}}) != first
     assert job_name({"dlqReplay": {"filters": {"reason": "retries_exhausted"}}}) != first
     assert job_name({"dlqReplay": {"runId": "2"}}) != first
     assert len(job_name({"fullnameOverride": "x" * 63})) <= 63

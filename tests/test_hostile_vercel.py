@@ -244,3 +244,24 @@ async def test_whatever_vercel_answers_each_event_ends_delivered_only_after_a_2x
     assert relay.worker.consuming or relay.worker.readiness()[1].get("reason") == "circuit_open"
     assert not relay.task.done()
     assert "unexpected error" not in relay.log_text()
+
+
+async def test_a_message_only_ever_deferred_still_ages_out(
+    start_relay: Any,
+    sim: VercelSimulator,
+    publisher: EventPublisher,
+    channel: AbstractChannel,
+    names: dict[str, str],
+    tokens_dir: Path,
+) -> None:
+    """An installation blocked for the capped hour (a 429 with a huge Retry-After): its event
+    is deferred without spending attempts, and still dead-lettered as retries_exhausted once
+    CONSUMER_MAX_RETRY_AGE has passed (its first-attempt-at was dropped as untrusted while its
+    attempt count was 0, so it never aged and cycled through the tiers for good)."""
+    await start_relay(max_retry_age=2.0)
+    blocked = new_installation(sim, tokens_dir)
+    sim.add_fault(Fault(status=429, retry_after="9" * 20, installation=blocked, times=1))
+    await publisher.publish(event(installation_id=blocked))
+    [dead] = await wait_for_dead_letters(channel, names["queue"], 1, timeout=30)
+    assert dead.headers["dead-letter-reason"] == "retries_exhausted"
+    assert dead.headers["delivery-attempts"] <= 1  # no attempt spent on a deferral

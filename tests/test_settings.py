@@ -139,7 +139,7 @@ def test_every_command_refuses_an_unencoded_password_in_one_sentence(
 def test_a_port_that_is_not_a_number_is_a_configuration_error(url: str) -> None:
     """A bad port is a ConfigError naming the variable, not a ValueError at connect time."""
     field = "vercel_api_url" if url.startswith("https") else "amqp_url"
-    with pytest.raises(ConfigError, match="port must be a number|not a valid URL") as caught:
+    with pytest.raises(ConfigError, match=r"port must be a number|not a valid URL") as caught:
         load_settings(**{field: url})
     assert "pw" not in str(caught.value)
 

@@ -13,7 +13,7 @@ once the broker has the message in a queue, and raises BrokerError when no queue
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -59,6 +59,14 @@ class EventPublisher:
             parse_event(body, max_bytes=len(body))
         event_id, event_type = str(event.get("id")), str(event.get("type"))
         await self.publish_raw(body, event_id=event_id, event_type=event_type, headers=headers)
+
+    async def publish_many(
+        self, events: Iterable[Mapping[str, Any]], *, validate: bool = True
+    ) -> None:
+        """Publish events in order, each confirmed before the next; raise on the first failure
+        (the ones before it are published, the ones after it are not)."""
+        for event in events:
+            await self.publish(event, validate=validate)
 
     async def publish_raw(
         self,

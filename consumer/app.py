@@ -122,7 +122,7 @@ async def serve(settings: Settings) -> None:
     )
     worker = build_worker(settings, vercel, log, metrics)
     stop = asyncio.Event()
-    _install_signal_handlers(stop, log)
+    install_signal_handlers(stop, log)
     log.info(
         "starting",
         version=__version__,
@@ -160,7 +160,7 @@ async def start_health(
     return health
 
 
-def _install_signal_handlers(stop: asyncio.Event, log: Any) -> None:
+def install_signal_handlers(stop: asyncio.Event, log: Any) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:

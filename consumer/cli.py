@@ -4,9 +4,10 @@ settings (consumer/app.py wires the parts).
 Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (one domain event),
 `schema` (print the contract's JSON Schema), and `dlq stats|list|replay|purge|import`
 (dead-letter operations: their commands are in consumer/dlq/cli.py, the mechanics in
-consumer/dlq/ops.py, the runbook in docs/operations.md). Bad configuration or input ends with one
-line on stderr and exit status 2; an unreachable broker, a missing queue or a failed operation
-with exit status 1.
+consumer/dlq/ops.py, the runbook in docs/operations.md), and `outbox init|sql|relay` (the
+transactional outbox: consumer/outbox/cli.py, docs/outbox.md). Bad configuration or input ends
+with one line on stderr and exit status 2; an unreachable broker or database, a missing queue or
+a failed operation with exit status 1.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from consumer import __version__
 from consumer.app import serve
 from consumer.contract import example_event, json_schema
 from consumer.dlq.cli import add_dlq_parser
-from consumer.errors import BrokerError, ConfigError, ContractError
+from consumer.errors import BrokerError, ConfigError, ContractError, DatabaseError
 from consumer.logs import configure_logging
+from consumer.outbox.cli import add_outbox_parser
 from consumer.publish.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
 
@@ -36,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.command(args)
     except (ConfigError, ContractError) as exc:
         _fail(str(exc), status=2)
-    except BrokerError as exc:
+    except (BrokerError, DatabaseError) as exc:
         _fail(str(exc), status=1)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sim_parser(commands)
     _add_publish_parser(commands)
     add_dlq_parser(commands)
+    add_outbox_parser(commands)
     schema = commands.add_parser("schema", help="print the message contract's JSON Schema")
     schema.set_defaults(command=lambda _: print(json.dumps(json_schema(), indent=2)))
     return parser

@@ -7,6 +7,7 @@ they are mapped here, at the edge, so that the handler decides on our types alon
 ConsumerError
 ├── ConfigError              bad settings at start-up → one clear message, exit 2
 ├── BrokerError              broker unreachable, publish nacked, unroutable or unconfirmed
+├── DatabaseError            the outbox's PostgreSQL unreachable or a statement failed
 └── DeliveryError            one message could not be delivered; `reason` says what follows
     ├── ContractError        the message can never succeed → dead letter (invalid_message)
     ├── CredentialsError     no token for the installation → dead letter (no_credentials)
@@ -52,6 +53,10 @@ class ConfigError(ConsumerError):
 
 class BrokerError(ConsumerError):
     """RabbitMQ could not be reached, or did not confirm a publish we depend on."""
+
+
+class DatabaseError(ConsumerError):
+    """The outbox's PostgreSQL could not be reached, or a statement on it failed."""
 
 
 class DeliveryError(ConsumerError):

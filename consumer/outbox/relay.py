@@ -55,6 +55,7 @@ class RelayConfig:
     poll_interval: float = 1.0
     retention: float = 86_400.0
     max_body_bytes: int = 256 * 1024
+    listen: bool = True  # False: polling only (behind PgBouncer in transaction mode; benches)
 
 
 class _Broker:
@@ -123,7 +124,7 @@ class OutboxRelay:
         return False, {"reason": self._problem}
 
     async def run(self, stop: asyncio.Event) -> None:
-        listener = asyncio.create_task(self._listen())
+        listener = asyncio.create_task(self._listen() if self.config.listen else _idle())
         try:
             while not stop.is_set():
                 await self._step(stop)
@@ -287,6 +288,10 @@ class OutboxRelay:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+async def _idle() -> None:
+    await asyncio.Event().wait()
 
 
 def _delay(failures: int) -> float:

@@ -107,7 +107,7 @@ def _dsn(args: argparse.Namespace, settings: Settings) -> str:
 
 def _store() -> Any:
     try:
-        from consumer.outbox import store
+        import consumer.outbox.store as store
     except ImportError:
         raise ConfigError(MISSING_EXTRA) from None
     return store

@@ -28,10 +28,10 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection
 
+import consumer.outbox.store as store
 from consumer.contract import parse_event
 from consumer.deadletter import DEAD_LETTERED_AT, DETAIL, REASON, rfc3339, truncate_utf8
 from consumer.errors import BrokerError, ContractError, DatabaseError, Reason
-from consumer.outbox import store
 from consumer.outbox.metrics import OutboxMetrics
 from consumer.outbox.store import OutboxRow
 from consumer.publish.publisher import EventPublisher

@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import TupleRow
 
+import consumer.outbox.schema as schema
 from consumer.errors import DatabaseError
-from consumer.outbox import schema
 
 CONNECT_TIMEOUT = 10  # seconds; a server that does not answer by then counts as down
 CANDIDATES_PER_INSTALLATION = 4  # installations looked at per one claimed (others may be held)

@@ -7,6 +7,7 @@ OUTBOX_CHAOS_EVENTS sets the number of committed events (CI: 3,000; the issue's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import uuid
@@ -87,19 +88,22 @@ async def table(dsn: str, query: str) -> list[tuple[Any, ...]]:
 
 async def audit_order(amqp_url: str) -> tuple[dict[str, list[str]], int]:
     """Per installation, the ids in the order they first reached the broker; and the number of
-    messages (repeats included)."""
+    messages (repeats included). Read by a consumer (one `get` per message is slow), until
+    nothing more comes for a few seconds."""
     order: dict[str, list[str]] = {}
     seen: set[str] = set()
     count = 0
     async with await aio_pika.connect(amqp_url) as connection:
         channel = await connection.channel()
         queue = await channel.get_queue(AUDIT)
-        while (message := await queue.get(fail=False, no_ack=True)) is not None:
-            count += 1
-            body = orjson.loads(message.body)
-            if body["id"] not in seen:
-                seen.add(body["id"])
-                order.setdefault(body["installation_id"], []).append(body["id"])
+        with contextlib.suppress(TimeoutError):
+            async with queue.iterator(timeout=5, no_ack=True) as messages:
+                async for message in messages:
+                    count += 1
+                    body = orjson.loads(message.body)
+                    if body["id"] not in seen:
+                        seen.add(body["id"])
+                        order.setdefault(body["installation_id"], []).append(body["id"])
         await channel.queue_delete(AUDIT)
     return order, count
 

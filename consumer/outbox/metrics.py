@@ -5,10 +5,9 @@ No label carries an id or an event type: the number of series is fixed.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from consumer import __version__
-from consumer.metrics import PREFIX
+from consumer.metrics import PREFIX, register_process_metrics
 
 OUTBOX = f"{PREFIX}_outbox"
 # Seconds from the row's transaction to the broker's confirm: NOTIFY makes it milliseconds,
@@ -21,50 +20,35 @@ class OutboxMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.backlog = Gauge(
-            f"{OUTBOX}_backlog", "Unsent outbox rows, as last sampled.", registry=self.registry
-        )
-        self.oldest_unsent_age = Gauge(
-            f"{OUTBOX}_oldest_unsent_age_seconds",
+        self.event_loop_lag = register_process_metrics(self.registry)
+        gauge, counter = self._gauge, self._counter
+        self.backlog = gauge("backlog", "Unsent outbox rows, as last sampled.")
+        self.oldest_unsent_age = gauge(
+            "oldest_unsent_age_seconds",
             "Seconds since the oldest unsent row was written, as last sampled (0: none).",
-            registry=self.registry,
         )
-        self.published = Counter(
-            f"{OUTBOX}_published",
-            "Outbox rows published to the broker and marked sent.",
-            registry=self.registry,
+        self.published = counter("published", "Outbox rows published and marked sent.")
+        self.dead_lettered = counter(
+            "dead_lettered", "Outbox rows whose body broke the contract, put in the DLQ instead."
         )
-        self.dead_lettered = Counter(
-            f"{OUTBOX}_dead_lettered",
-            "Outbox rows whose body broke the contract, put in the DLQ instead.",
-            registry=self.registry,
-        )
-        self.publish_failures = Counter(
-            f"{OUTBOX}_publish_failures",
+        self.publish_failures = counter(
+            "publish_failures",
             "Batches that could not be published (the broker down or refusing): rows stay unsent.",
-            registry=self.registry,
         )
-        self.database_errors = Counter(
-            f"{OUTBOX}_database_errors",
+        self.database_errors = counter(
+            "database_errors",
             "Times the relay lost PostgreSQL, or a statement failed, and tried again.",
-            registry=self.registry,
         )
-        self.deleted = Counter(
-            f"{OUTBOX}_deleted",
-            "Sent rows deleted after CONSUMER_OUTBOX_RETENTION.",
-            registry=self.registry,
-        )
+        self.deleted = counter("deleted", "Sent rows deleted after CONSUMER_OUTBOX_RETENTION.")
         self.latency = Histogram(
             f"{OUTBOX}_publish_latency_seconds",
             "From a row's transaction to its publish being confirmed.",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.event_loop_lag = Gauge(
-            f"{PREFIX}_event_loop_lag_seconds",
-            "How late the event loop's last heartbeat ran (seconds).",
-            registry=self.registry,
-        )
-        info = Gauge(f"{PREFIX}_build_info", "Always 1.", ["version"], registry=self.registry)
-        info.labels(__version__).set(1)
-        ProcessCollector(registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str) -> Gauge:
+        return Gauge(f"{OUTBOX}_{name}", documentation, registry=self.registry)
+
+    def _counter(self, name: str, documentation: str) -> Counter:
+        return Counter(f"{OUTBOX}_{name}", documentation, registry=self.registry)

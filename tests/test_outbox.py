@@ -335,7 +335,7 @@ async def test_with_the_broker_down_rows_stay_unsent_and_go_once_it_is_back(
     async with running_relay(outbox_dsn, names, amqp_url=dead_broker) as relay:
         await wait_until(lambda: relay.metrics.publish_failures._value.get() >= 2)
         assert relay.readiness() == (False, {"reason": "broker_unavailable"})
-    assert len(await outbox_ids(outbox_dsn, "sent_at IS NULL AND attempts > 0")) == 4
+    assert len(await outbox_ids(outbox_dsn, "sent_at IS NULL")) == 4
     async with running_relay(outbox_dsn, names) as relay:
         messages = await drain(audit, 4)
         await wait_until(lambda: relay.readiness()[0])
@@ -406,3 +406,72 @@ async def test_outbox_init_is_idempotent_and_reports_failures(outbox_dsn: str) -
     missing = await asyncio.to_thread(run_cli, "outbox", "init", env=env)
     assert missing.returncode == 2
     assert "CONSUMER_OUTBOX_DSN" in missing.stderr
+
+
+async def test_the_relay_command_serves_health_and_metrics_and_stops_on_sigterm(
+    outbox_dsn: str, names: dict[str, str], audit: AbstractQueue, free_port: int, tmp_path: Any
+) -> None:
+    """`vercel-consumer outbox relay` publishes a committed row, is ready on /readyz once it
+    reaches PostgreSQL and the broker, counts the row on /metrics, and exits 0 on SIGTERM;
+    its log never shows the DSN's password."""
+    import httpx
+
+    from tests.chaos import WorkerProcess, worker_env
+
+    env = worker_env(
+        amqp_url=AMQP_URL,
+        exchange=names["exchange"],
+        queue=names["queue"],
+        outbox_dsn=outbox_dsn,
+        health_port=free_port,
+        health_host="127.0.0.1",
+    )
+    relay = WorkerProcess(env, tmp_path / "relay.log", command=("outbox", "relay"))
+    relay.start()
+    try:
+        base = f"http://127.0.0.1:{free_port}"
+
+        async def ready() -> bool:
+            try:
+                async with httpx.AsyncClient() as client:
+                    return (await client.get(f"{base}/readyz")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await wait_until(ready, timeout=30)
+        body = event()
+        await insert_events(outbox_dsn, [body])
+        (message,) = await drain(audit, 1)
+        assert message.message_id == body["id"]
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"{base}/metrics")).text
+            alive = (await client.get(f"{base}/livez")).status_code
+        assert "vercel_consumer_outbox_published_total 1.0" in metrics
+        assert "vercel_consumer_outbox_backlog" in metrics
+        assert alive == 200
+    finally:
+        assert await relay.stop() == 0
+    password = outbox_dsn.split(":")[2].split("@")[0]
+    assert password not in "\n".join(relay.log_lines())
+    assert relay.foreign_lines() == []
+
+
+async def test_a_refused_publish_leaves_the_batch_unsent_with_the_reason(
+    outbox_dsn: str, names: dict[str, str], channel: AbstractChannel
+) -> None:
+    """When the broker returns the batch (no queue bound to the exchange), nothing is marked
+    sent; each row counts the failed attempt and keeps the reason."""
+    await insert_events(outbox_dsn, [event(), event()])
+    try:
+        async with running_relay(outbox_dsn, names) as relay:
+            await wait_until(lambda: relay.metrics.publish_failures._value.get() >= 1)
+    finally:
+        await channel.exchange_delete(names["exchange"])
+    async with await psycopg.AsyncConnection.connect(outbox_dsn) as connection:
+        cursor = await connection.execute(
+            "SELECT sent_at, attempts, last_error FROM vercel_outbox ORDER BY seq"
+        )
+        rows = await cursor.fetchall()
+    assert [row[0] for row in rows] == [None, None]
+    assert all(row[1] >= 1 for row in rows)
+    assert all("publishing event" in row[2] for row in rows)

@@ -158,6 +158,7 @@ class OutboxRelay:
 
     async def relay_batch(self) -> int:
         """Claim, publish and mark one batch; the number of rows it claimed."""
+        broker = await self._broker_side()  # first: readiness means both are reachable
         db = await self._database()
         rows: list[OutboxRow] = []
         try:
@@ -165,7 +166,6 @@ class OutboxRelay:
                 rows = await store.claim(db, self.config.batch_size)
                 if not rows:
                     return 0
-                broker = await self._broker_side()
                 valid = await self._dead_letter_invalid(db, broker, rows)
                 await self._publish(broker, valid)
                 await store.mark_sent(db, [row.seq for row in valid])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -42,7 +43,7 @@ from consumer.outbox.store import init_schema
 from consumer.outbox.write import add_event_psycopg_async
 from tests.postgres import create_database, drop_database
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 def body(installation: str) -> dict[str, Any]:
@@ -60,12 +61,9 @@ async def fill(dsn: str, rows: int, installations: int) -> None:
             await connection.commit()
 
 
-async def unsent(dsn: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn) as connection:
-        cursor = await connection.execute(
-            "SELECT count(*) FROM vercel_outbox WHERE sent_at IS NULL"
-        )
-        row = await cursor.fetchone()
+async def unsent(connection: Any) -> int:
+    cursor = await connection.execute("SELECT count(*) FROM vercel_outbox WHERE sent_at IS NULL")
+    row = await cursor.fetchone()
     return int(row[0]) if row else 0
 
 
@@ -89,8 +87,11 @@ async def throughput(config: RelayConfig, rows: int, installations: int) -> dict
     await fill(config.dsn, rows, installations)
     started = time.perf_counter()
     cpu = time.process_time()
-    async with Relay(config):
-        while await unsent(config.dsn):  # noqa: ASYNC110 - polling the database
+    async with (
+        Relay(config),
+        await psycopg.AsyncConnection.connect(config.dsn, autocommit=True) as watcher,
+    ):
+        while await unsent(watcher):  # noqa: ASYNC110 - polling the database
             await asyncio.sleep(0.05)
         seconds = time.perf_counter() - started
     return {
@@ -153,7 +154,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=args.batch,
             poll_interval=args.poll,
         )
-        results: dict[str, Any] = {"batch": args.batch}
+        results: dict[str, Any] = {"batch": args.batch, "load_average": os.getloadavg()[0]}
+        print(f"load average at the start: {results['load_average']:.1f}", flush=True)
         results["throughput"] = await throughput(base, args.rows, args.installations)
         print(f"throughput: {json.dumps(results['throughput'])}", flush=True)
         await queue.purge()

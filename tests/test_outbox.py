@@ -169,6 +169,15 @@ def test_hostile_bodies_are_refused_before_the_insert(body: dict[str, Any]) -> N
     parse_event(text.encode(), max_bytes=1 << 20)
 
 
+def test_a_value_json_cannot_hold_is_a_contract_error() -> None:
+    """Regression (found by the property test above): an integer beyond 64 bits, or an object
+    JSON has no form for, raised orjson's TypeError instead of ContractError."""
+    with pytest.raises(ContractError, match="JSON"):
+        write.outbox_body(event(resource_id=2**64))
+    with pytest.raises(ContractError, match="JSON"):
+        write.outbox_body(event(data={"x": object()}))
+
+
 # ── the relay ────────────────────────────────────────────────────────────────────────────────
 
 

@@ -84,12 +84,23 @@ INSERT_SQLALCHEMY = _INSERT.format(":body")
 # ── the relay's claim, in three statements of one transaction ────────────────────────────────
 
 # 1. The installations with unsent rows, oldest head first, locked for this relay; those another
-# relay holds are skipped. The CTE is materialised so that the lock is tried only on the rows
-# the LIMIT pulls, one by one, and never on installations this batch will not take.
+# relay holds are skipped. `heads` walks the (installation_id, seq) index one installation at
+# a time (a loose index scan: one probe per installation, not a pass over the whole backlog,
+# which may be millions of rows after an outage). The CTEs are materialised so that the lock is
+# tried only on the rows the final LIMIT pulls, one by one, never on installations this batch
+# will not take.
 CLAIM_INSTALLATIONS = f"""
-WITH candidates AS MATERIALIZED (
-    SELECT installation_id, min(seq) AS head FROM {TABLE}
-    WHERE sent_at IS NULL GROUP BY installation_id ORDER BY head LIMIT %(candidates)s
+WITH RECURSIVE heads AS (
+    (SELECT installation_id, seq FROM {TABLE} WHERE sent_at IS NULL
+     ORDER BY installation_id, seq LIMIT 1)
+    UNION ALL
+    SELECT next.installation_id, next.seq FROM heads, LATERAL (
+        SELECT installation_id, seq FROM {TABLE}
+        WHERE sent_at IS NULL AND installation_id > heads.installation_id
+        ORDER BY installation_id, seq LIMIT 1
+    ) AS next
+), candidates AS MATERIALIZED (
+    SELECT installation_id FROM heads ORDER BY seq LIMIT %(candidates)s
 )
 SELECT installation_id FROM candidates
 WHERE pg_try_advisory_xact_lock({CLAIM_LOCK}, hashtext(installation_id))

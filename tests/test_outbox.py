@@ -362,6 +362,26 @@ async def test_with_postgres_unreachable_the_relay_waits_and_says_so(
         assert relay.readiness() == (False, {"reason": "database_unavailable"})
 
 
+async def test_a_connection_cut_between_batches_is_reconnected(
+    outbox_dsn: str, names: dict[str, str], audit: AbstractQueue
+) -> None:
+    """Regression (the chaos test's PostgreSQL restart): when the server ends the relay's idle
+    connections, the next BEGIN failed with AdminShutdown, which escaped as a traceback and
+    ended the relay. Now it counts a database error, reconnects and publishes what follows."""
+    async with running_relay(outbox_dsn, names) as relay:
+        await wait_until(lambda: relay.readiness()[0])
+        async with await psycopg.AsyncConnection.connect(outbox_dsn, autocommit=True) as admin:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        await wait_until(lambda: relay.metrics.database_errors._value.get() >= 1)
+        body = event()
+        await insert_events(outbox_dsn, [body])
+        (message,) = await drain(audit, 1)
+    assert message.message_id == body["id"]
+
+
 async def test_sent_rows_are_deleted_after_the_retention(
     outbox_dsn: str, names: dict[str, str], audit: AbstractQueue
 ) -> None:

@@ -150,6 +150,12 @@ class OutboxRelay:
             await self._drop_broker()
             await self._back_off("broker_unavailable", str(exc), stop)
             return
+        except Exception as exc:  # noqa: BLE001 - the relay outlives what nobody foresaw
+            self.log.error("outbox relay error", error=type(exc).__name__, detail=str(exc))
+            await self._drop_database()
+            await self._drop_broker()
+            await self._back_off("internal_error", f"{type(exc).__name__}: {exc}", stop)
+            return
         if self._failures:
             self.log.info("outbox relay recovered", after_failures=self._failures)
         self._failures, self._problem = 0, None
@@ -161,14 +167,15 @@ class OutboxRelay:
         broker = await self._broker_side()  # first: readiness means both are reachable
         db = await self._database()
         rows: list[OutboxRow] = []
-        try:
-            async with db.transaction():
-                rows = await store.claim(db, self.config.batch_size)
-                if not rows:
-                    return 0
-                valid = await self._dead_letter_invalid(db, broker, rows)
-                await self._publish(broker, valid)
-                await store.mark_sent(db, [row.seq for row in valid])
+        try:  # BEGIN and COMMIT fail too when PostgreSQL goes away: both map to DatabaseError
+            with store.database_errors("relaying a batch"):
+                async with db.transaction():
+                    rows = await store.claim(db, self.config.batch_size)
+                    if not rows:
+                        return 0
+                    valid = await self._dead_letter_invalid(db, broker, rows)
+                    await self._publish(broker, valid)
+                    await store.mark_sent(db, [row.seq for row in valid])
         except BrokerError as exc:  # rolled back: the rows are unsent and unlocked again
             await self._note_failure(db, rows, str(exc))
             raise
@@ -246,7 +253,7 @@ class OutboxRelay:
                     failures = 0
                     async for _ in store.notifications(connection):
                         self._wake.set()
-            except DatabaseError:
+            except Exception:  # noqa: BLE001 - a lost listener costs latency, never the relay
                 failures += 1
             await asyncio.sleep(_delay(failures))
 

@@ -33,7 +33,8 @@ class OutboxMetrics:
         )
         self.publish_failures = counter(
             "publish_failures",
-            "Batches that could not be published (the broker down or refusing): rows stay unsent.",
+            "Times the relay could not publish (broker unreachable, or a batch refused): "
+            "the rows stay unsent.",
         )
         self.database_errors = counter(
             "database_errors",

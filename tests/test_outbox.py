@@ -169,6 +169,18 @@ def test_hostile_bodies_are_refused_before_the_insert(body: dict[str, Any]) -> N
     parse_event(text.encode(), max_bytes=1 << 20)
 
 
+def test_the_documented_insert_is_the_one_the_helpers_run() -> None:
+    """docs/outbox.md gives other languages the same INSERT the Python helpers run."""
+    from pathlib import Path
+
+    from consumer.outbox.schema import INSERT_ASYNCPG
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "outbox.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in docs.split("```sql\n")[1:]]
+    documented = [" ".join(block.split()) for block in blocks if "INSERT" in block]
+    assert documented == [" ".join(INSERT_ASYNCPG.split())]
+
+
 def test_a_value_json_cannot_hold_is_a_contract_error() -> None:
     """Regression (found by the property test above): an integer beyond 64 bits, or an object
     JSON has no form for, raised orjson's TypeError instead of ContractError."""

@@ -5,9 +5,10 @@ Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (domai
 `schema` (print the contract's JSON Schema), `asyncapi` (its AsyncAPI 3.0 document), and
 `dlq stats|list|replay|purge|import`
 (dead-letter operations: their commands are in consumer/dlq/cli.py, the mechanics in
-consumer/dlq/ops.py, the runbook in docs/operations.md). Bad configuration or input ends with one
-line on stderr and exit status 2; an unreachable broker, a missing queue or a failed operation
-with exit status 1.
+consumer/dlq/ops.py, the runbook in docs/operations.md), and `outbox init|sql|relay` (the
+transactional outbox: consumer/outbox/cli.py, docs/outbox.md). Bad configuration or input ends
+with one line on stderr and exit status 2; an unreachable broker or database, a missing queue or
+a failed operation with exit status 1.
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ from consumer.app import serve
 from consumer.asyncapi import document, to_yaml
 from consumer.contract import example_event, json_schema, parse_event
 from consumer.dlq.cli import add_dlq_parser
-from consumer.errors import BrokerError, ConfigError, ContractError, PublishBatchError
+from consumer.errors import (
+    BrokerError,
+    ConfigError,
+    ContractError,
+    DatabaseError,
+    PublishBatchError,
+)
 from consumer.logs import configure_logging
+from consumer.outbox.cli import add_outbox_parser
 from consumer.publish.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
 from consumer.topology import Topology
@@ -40,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.command(args)
     except (ConfigError, ContractError) as exc:
         _fail(str(exc), status=2)
-    except BrokerError as exc:
+    except (BrokerError, DatabaseError) as exc:
         _fail(str(exc), status=1)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -64,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sim_parser(commands)
     _add_publish_parser(commands)
     add_dlq_parser(commands)
+    add_outbox_parser(commands)
     schema = commands.add_parser("schema", help="print the message contract's JSON Schema")
     schema.set_defaults(command=lambda _: print(json.dumps(json_schema(), indent=2)))
     _add_asyncapi_parser(commands)

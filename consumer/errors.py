@@ -13,6 +13,7 @@ ConsumerError
 │       │   └── PublishTimeout   no confirm within the timeout, reconnects included: it may
 │       │                        or may not be queued, so publish it again (same id)
 │       └── PublishBatchError    publish_many: some of a batch failed; says which confirmed
+├── DatabaseError            the outbox's PostgreSQL unreachable or a statement failed
 └── DeliveryError            one message could not be delivered; `reason` says what follows
     ├── ContractError        the message can never succeed → dead letter (invalid_message)
     ├── CredentialsError     no token for the installation → dead letter (no_credentials)
@@ -96,6 +97,10 @@ class PublishBatchError(PublishError):
         )
         self.confirmed = confirmed
         self.failures = failures
+
+
+class DatabaseError(ConsumerError):
+    """The outbox's PostgreSQL could not be reached, or a statement on it failed."""
 
 
 class DeliveryError(ConsumerError):

@@ -4,8 +4,8 @@
   when it has been stalling (see `LoopMonitor`).
 - `GET /readyz`: 200 `{"ready": true}` when connected to the broker and consuming; otherwise
   503 `{"ready": false, "reason": …}` (starting, disconnected, shutting_down, circuit_open).
-- `GET /metrics`: the `Metrics` registry, in Prometheus' text format or OpenMetrics as the
-  scraper asks (prometheus_client's own aiohttp handler).
+- `GET /metrics`: the `Metrics` registry (or the outbox relay's), in Prometheus' text format
+  or OpenMetrics as the scraper asks (prometheus_client's own aiohttp handler).
 
 It runs in the worker's event loop and logs no request: probes come every few seconds.
 
@@ -22,19 +22,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from consumer.logs import get_logger
-from consumer.metrics import Metrics
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 IDLE_TIMEOUT = 5.0  # seconds a connection may sit without a complete request (probes: ms)
 MAX_CONNECTIONS = 64  # open at once; beyond, the oldest are closed
 ACCEPT_ERROR_EVERY = 60.0  # seconds between two log lines about failing accepts
 _PUBLIC_READINESS = frozenset({"status", "reason", "circuit"})
+
+
+class Served(Protocol):
+    """What the endpoint serves: the worker's `Metrics`, or the outbox relay's."""
+
+    registry: CollectorRegistry
+    event_loop_lag: Gauge
 
 
 class LoopMonitor:
@@ -104,7 +111,7 @@ class HealthServer:
     def __init__(
         self,
         readiness: Readiness,
-        metrics: Metrics,
+        metrics: Served,
         monitor: LoopMonitor | None = None,
         *,
         idle_timeout: float = IDLE_TIMEOUT,

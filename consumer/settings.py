@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     health_port: int = Field(8080, ge=0, le=65535)
     health_host: str = Field("0.0.0.0", min_length=1)  # noqa: S104 - probes come from outside the pod
     queue_depth_interval: float = Field(15.0, ge=0, le=3600)
+    outbox_dsn: SecretStr | None = None
+    outbox_poll_interval: float = Field(1.0, gt=0, le=3600)
+    outbox_batch_size: int = Field(500, ge=1, le=10_000)
+    outbox_retention: float = Field(86_400.0, ge=0, le=365 * 86_400)
 
     @field_validator(
         "vercel_token",
@@ -71,6 +75,7 @@ class Settings(BaseSettings):
         "amqp_cafile",
         "amqp_certfile",
         "amqp_keyfile",
+        "outbox_dsn",
         mode="before",
     )
     @classmethod
@@ -174,6 +179,14 @@ class Settings(BaseSettings):
                     " and its unencrypted private key"
                 ) from None
         return self
+
+    @field_validator("outbox_dsn")
+    @classmethod
+    def _check_outbox_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        dsn = value.get_secret_value() if value is not None else ""
+        if "://" in dsn and urlsplit(dsn).scheme not in ("postgres", "postgresql"):
+            raise ValueError("must be a postgresql:// URL or a libpq key=value string")
+        return value
 
     @model_validator(mode="after")
     def _check_tokens_dir(self) -> Settings:

@@ -173,8 +173,11 @@ def worker_env(**settings: Any) -> dict[str, str]:
 class WorkerProcess:
     """`python -m consumer run` as a child process; every (re)start appends to one log file."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, command: tuple[str, ...] = ("run",)
+    ) -> None:
         self.env = dict(env)
+        self.command = command
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -184,7 +187,7 @@ class WorkerProcess:
         assert not self.running, "the worker is already running"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "consumer", "run"],
+                [sys.executable, "-m", "consumer", *self.command],
                 env=self.env,
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,

@@ -141,7 +141,7 @@ async def serve(settings: Settings) -> None:
         "starting",
         version=__version__,
         amqp_url=settings.amqp_url_redacted,
-        vercel_api_url=settings.vercel_api_url,
+        vercel_api_url=settings.vercel_api_url_redacted,
         queue=settings.queue,
         concurrency=settings.concurrency,
         tracing=tracing,

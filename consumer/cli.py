@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import uuid
 from collections.abc import Sequence
@@ -113,6 +114,8 @@ def sim_command(args: argparse.Namespace) -> None:
         serve as serve_simulator,  # only this command needs the server
     )
 
+    if not (math.isfinite(args.latency_ms) and args.latency_ms >= 0):
+        raise ConfigError("--latency-ms must be a finite number of milliseconds, at least 0")
     tokens = dict(_split_pair(pair) for pair in args.token)
     coroutine = serve_simulator(
         args.host, args.port, tokens, args.tokens_dir, args.latency_ms / 1000
@@ -155,7 +158,7 @@ def _add_publish_parser(commands: Any) -> None:
         description="Build an event from the options, or give the whole JSON body with --body.",
     )
     publish.add_argument(
-        "type", nargs="?", default="resource.updated", help="e.g. resource.renamed"
+        "type", nargs="?", help="e.g. resource.renamed (required unless --body is given)"
     )
     publish.add_argument("--installation", default="icfg_demo", help="installation_id")
     publish.add_argument("--resource", help="resource_id (resource.* events)")
@@ -173,6 +176,9 @@ def _add_publish_parser(commands: Any) -> None:
 def publish_command(args: argparse.Namespace) -> None:
     """Publish the events pipelined (`publish_many`): all confirmed, or exit 1 after listing
     those that were."""
+    if not (args.type or args.body):
+        # The exchange may be production's: nothing is sent unless the operator says what.
+        raise ConfigError("publish needs the event's type (e.g. resource.renamed) or --body")
     settings = load_settings()
     events = [_event_from_args(args) for _ in range(max(args.count, 1))]
     if not args.no_validate:

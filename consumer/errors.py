@@ -17,6 +17,8 @@ ConsumerError
 └── DeliveryError            one message could not be delivered; `reason` says what follows
     ├── ContractError        the message can never succeed → dead letter (invalid_message)
     ├── CredentialsError     no token for the installation → dead letter (no_credentials)
+    │   └── TokenFileError   its token file is broken (detail says how) → same, no fallback
+    ├── TokenUnavailable     its token file could not be read now (EMFILE, EIO) → retry
     ├── RedeliveryLimit      the broker redelivered it too often: it may be what keeps killing
     │                        the worker → dead letter unprocessed (redelivery_limit)
     └── VercelError(status)  Vercel said no, or could not be reached
@@ -123,6 +125,16 @@ class CredentialsError(DeliveryError):
     """No access token is configured for the message's installation."""
 
     reason = Reason.NO_CREDENTIALS
+
+
+class TokenFileError(CredentialsError):
+    """The installation's token file exists but is unusable (empty, a byte-order mark, inner
+    whitespace, not a regular file, unreadable): never replaced by the fallback token."""
+
+
+class TokenUnavailable(DeliveryError):
+    """The token file could not be read right now (out of file descriptors or memory, an I/O
+    error): retried, never mistaken for a missing token."""
 
 
 class RedeliveryLimit(DeliveryError):

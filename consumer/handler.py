@@ -103,16 +103,19 @@ class Handler:
         self._tracer = tracer
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
-        attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
-        with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* turns tracing on
-            await self._handle(message, attempts)
+        fields: dict[str, Any] = {"event_id": message.message_id}
+        try:
+            attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
+            with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* sets tracing
+                await self._handle(message, attempts, fields)
+        except Exception as exc:  # noqa: BLE001 - last resort: the slot and the message go back
+            self._log.exception("unexpected error outside delivery handling", **fields)
+            await self._hand_back(message, exc, fields)
 
-    async def _handle(self, message: AbstractIncomingMessage, attempts: int) -> None:
-        fields: dict[str, Any] = {
-            "event_id": message.message_id,
-            "routing_key": message.routing_key,
-            "attempt": attempts,
-        }
+    async def _handle(
+        self, message: AbstractIncomingMessage, attempts: int, fields: dict[str, Any]
+    ) -> None:
+        fields.update(routing_key=message.routing_key, attempt=attempts)
         trace_headers = self._trace_headers(message, fields)
         if "trace_id" not in fields and (trace_id := self._tracer.trace_id()):
             fields["trace_id"] = trace_id  # the trace this delivery's spans started
@@ -183,8 +186,11 @@ class Handler:
             # A 4xx comes from a Vercel that is up; only transient failures point to an outage.
             self._breaker.record(installation, failed=isinstance(error, VercelUnavailable))
             raise
-        self._breaker.record(installation, failed=False)
-        self._limits.observe(installation, delivered.quota)
+        try:
+            self._breaker.record(installation, failed=False)
+            self._limits.observe(installation, delivered.quota)
+        except Exception:  # noqa: BLE001 - delivered is delivered: a retry would duplicate it
+            self._log.exception("could not record a delivery", installation_id=installation)
         return delivered
 
     async def _call_vercel(
@@ -221,10 +227,11 @@ class Handler:
         attempts: int,
         fields: dict[str, Any],
     ) -> None:
-        now = datetime.now(UTC)
-        age = retry_age(trusted_headers(message, now), now)
-        decision = self._policy.decide(error, attempts, age=age, counted=not self._breaker.is_open)
         try:
+            now = datetime.now(UTC)
+            age = retry_age(trusted_headers(message, now), now)
+            counted = not self._breaker.is_open
+            decision = self._policy.decide(error, attempts, age=age, counted=counted)
             if isinstance(decision, DeadLetter):
                 await self._republisher.dead_letter(message, decision)
                 fields.update(reason=decision.reason.value, detail=decision.detail)
@@ -235,7 +242,7 @@ class Handler:
                 # Deferred: waits without spending an attempt (rate limit, open circuit).
                 outcome = "retried" if decision.attempts == attempts else "deferred"
                 reason = retry_cause(error)
-        except Exception as exc:  # noqa: BLE001 - BrokerError, or a header that will not encode
+        except Exception as exc:  # noqa: BLE001 - BrokerError, a header that will not encode, a bug
             await self._hand_back(message, exc, fields)
             return
         self._metrics.outcome(outcome, fields.get("type"), reason)
@@ -282,8 +289,8 @@ class Handler:
         try:
             with broker_errors("rejecting"):
                 await message.reject(requeue=True)
-        except BrokerError:
-            pass  # channel closed: the broker requeues everything unacked on it anyway
+        except Exception:  # noqa: BLE001, S110 - channel closed (the broker requeues everything
+            pass  # unacked on it anyway), or the message was settled already
 
 
 def _event_fields(event: Event) -> dict[str, Any]:

@@ -24,10 +24,10 @@ from prometheus_client.registry import Collector
 
 from consumer import __version__
 from consumer.contract import FAMILIES
-from consumer.errors import DeliveryError, Reason, VercelError, VercelThrottled
+from consumer.errors import DeliveryError, Reason, TokenUnavailable, VercelError, VercelThrottled
 
 PREFIX = "vercel_consumer"
-RETRY_CAUSES = ("rate_limited", "vercel_unavailable", "internal_error")
+RETRY_CAUSES = ("rate_limited", "vercel_unavailable", "token_unavailable", "internal_error")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")  # error: no HTTP answer at all
 CIRCUIT_STATES = ("closed", "open", "half_open")
 UNKNOWN = "unknown"
@@ -160,11 +160,14 @@ def status_class(status: int | None) -> str:
 
 def retry_cause(error: DeliveryError) -> str:
     """Why a failure is retried or deferred, as a label: a rate limit (Vercel's 429, or our own
-    limiter holding the call back), Vercel otherwise, or our own bug."""
+    limiter holding the call back), Vercel otherwise, a token file that could not be read now
+    (out of file descriptors: the host's problem, not a bug), or our own bug."""
     if isinstance(error, VercelThrottled):
         return "rate_limited"
     if isinstance(error, VercelError):
         return "vercel_unavailable"
+    if isinstance(error, TokenUnavailable):
+        return "token_unavailable"
     return "internal_error"
 
 

@@ -135,3 +135,27 @@ def test_sim_on_a_taken_port_fails_with_one_line(sim_process: str) -> None:
     assert result.returncode == 2
     assert f"cannot serve on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_publish_without_a_type_sends_nothing(
+    channel: AbstractChannel, names: dict[str, str]
+) -> None:
+    """`publish` with no arguments exits 2 with one line and publishes no demo event to the
+    configured (maybe production) exchange."""
+    exchange = await channel.declare_exchange(names["exchange"], "topic", durable=True)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, "#")
+    result = cli("publish", CONSUMER_EXCHANGE=names["exchange"])
+    assert result.returncode == 2
+    assert "publish needs the event's type" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert await drain_queue(channel, queue.name) == []
+    await channel.exchange_delete(names["exchange"])
+
+
+@pytest.mark.parametrize("latency", ["inf", "nan", "-1"])
+def test_sim_refuses_a_latency_that_is_not_finite(latency: str) -> None:
+    """`sim --latency-ms inf` would never answer: exit 2 with one line instead."""
+    result = cli("sim", "--port", "0", f"--latency-ms={latency}")
+    assert result.returncode == 2
+    assert "--latency-ms" in result.stderr

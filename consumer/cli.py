@@ -4,7 +4,7 @@ settings (consumer/app.py wires the parts).
 Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (one domain event),
 `schema` (print the contract's JSON Schema), and `dlq stats|list|replay|purge|import`
 (dead-letter operations: their commands are in consumer/dlq/cli.py, the mechanics in
-consumer/dlq/ops.py, the runbook in docs/operations.md). Bad configuration or input ends with one
+consumer/dlq/, the runbook in docs/operations.md). Bad configuration or input ends with one
 line on stderr and exit status 2; an unreachable broker, a missing queue or a failed operation
 with exit status 1.
 """

@@ -144,3 +144,10 @@ class RequestRate:
         self._next_free = slot + self._interval
         if slot > now:
             await self._sleep(slot - now)
+
+    async def ready(self) -> None:
+        """Wait until the next slot is free, without taking it (`acquire` then goes at once)."""
+        if self._interval:
+            delay = self._next_free - self._clock()
+            if delay > 0:
+                await self._sleep(delay)

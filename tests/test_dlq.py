@@ -24,18 +24,12 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from consumer.dlq.ops import (
-    DlqSession,
-    ReplayOptions,
-    collect,
-    import_export,
-    locked_session,
-    purge,
-    read_export,
-    replay,
-)
+from consumer.dlq.model import DeadLetterInfo, Filter
 from consumer.dlq.progress import ProgressLines
-from consumer.dlq.view import DeadLetterInfo, Filter
+from consumer.dlq.purge import purge
+from consumer.dlq.replay import ReplayOptions, replay
+from consumer.dlq.restore import import_export
+from consumer.dlq.session import DlqSession, locked_session, look
 from consumer.errors import BrokerError
 from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import Topology, declare
@@ -230,7 +224,7 @@ async def test_inspecting_leaves_every_message_in_place_and_in_order(
     await seed(amqp, topology, SAMPLES)
     for wanted, limit in [(Filter(), None), (Filter(reason="no_credentials"), 1), (Filter(), 3)]:
         async with session(topology) as dlq:
-            await collect(dlq, wanted, limit)
+            await look(dlq, wanted, limit)
     remaining = await drain_queue(channel, topology.dead_letter_queue)
     assert keys(remaining) == [sample.key for sample in SAMPLES]
     assert snapshot(remaining) == await reference(amqp, topology)
@@ -245,8 +239,8 @@ async def test_filter_round_trip(
     wanted, limit, expected = FILTER_CASES[case]
     await seed(amqp, topology, SAMPLES)
     async with session(topology) as dlq:
-        listed = await collect(dlq, wanted, limit)
-    assert {int(info.event_id.removeprefix("evt_")) for _, info in listed} == expected  # type: ignore[union-attr]
+        listed = await look(dlq, wanted, limit)
+    assert {int((info.event_id or "").removeprefix("evt_")) for info in listed} == expected
 
     async with session(topology) as dlq:
         summary = await replay(dlq, wanted, ReplayOptions(topology.queue, limit=limit), quiet)
@@ -283,7 +277,7 @@ async def test_a_replayed_copy_starts_afresh(
     history, and replay-count 1 with a replayed-at stamp."""
     await seed(amqp, topology, [SAMPLES[3], SAMPLES[6]])
     async with session(topology) as dlq:
-        await collect(dlq, Filter(), None)  # a first look: the broker counts a redelivery
+        await look(dlq, Filter(), None)  # a first look: the broker counts a redelivery
     async with session(topology) as dlq:
         await replay(dlq, Filter(), ReplayOptions(topology.queue), quiet)
     ours, brokers = await consume(channel, topology.queue, 2)
@@ -305,22 +299,31 @@ async def test_to_origin_publishes_through_the_original_exchange(
     amqp: AbstractConnection, channel: AbstractChannel, topology: Topology
 ) -> None:
     """--to-origin routes each copy by its original exchange and key (so the exchange's
-    other subscribers see it); a missing exchange fails that message, which stays put."""
+    other subscribers see it); a dead letter whose headers name any other exchange (a
+    publisher can preset them) is not published there: it fails, and stays in the DLQ."""
     other = await channel.declare_queue(exclusive=True)
     await other.bind(topology.exchange, "billing.#")
-    lost = Sample(9, "no_credentials", "resource.renamed", "icfg_alpha", None, 9)
-    orphan = lost.message(topology)
-    orphan.headers["original-exchange"] = f"{topology.exchange}-gone"
+    elsewhere = await channel.declare_exchange(f"{topology.exchange}-elsewhere", durable=False)
+    trap = await channel.declare_queue(exclusive=True)
+    await trap.bind(elsewhere, "#")
+    steered = Sample(9, "no_credentials", "resource.renamed", "icfg_alpha", None, 9)
+    forged = steered.message(topology)
+    forged.headers["original-exchange"] = elsewhere.name
     await seed(amqp, topology, [SAMPLES[2]])
     publisher = await amqp.channel(publisher_confirms=True)
-    await publisher.default_exchange.publish(orphan, routing_key=topology.dead_letter_queue)
-    async with session(topology) as dlq:
-        summary = await replay(dlq, Filter(), ReplayOptions(topology.queue, to_origin=True), quiet)
-    assert (summary.moved, summary.failed) == (1, 1)
-    assert "does not exist" in summary.errors[0]
-    assert keys(await drain_queue(channel, topology.queue)) == [2]  # via the binding
-    assert keys(await drain_queue(channel, other.name)) == [2]  # the other subscriber
-    assert keys(await drain_queue(channel, topology.dead_letter_queue)) == [9]
+    await publisher.default_exchange.publish(forged, routing_key=topology.dead_letter_queue)
+    options = ReplayOptions(topology.queue, exchange=topology.exchange, to_origin=True)
+    try:
+        async with session(topology) as dlq:
+            summary = await replay(dlq, Filter(), options, quiet)
+        assert (summary.moved, summary.failed) == (1, 1)
+        assert "not the relay's" in summary.errors[0]
+        assert keys(await drain_queue(channel, topology.queue)) == [2]  # via the binding
+        assert keys(await drain_queue(channel, other.name)) == [2]  # the other subscriber
+        assert await drain_queue(channel, trap.name) == []  # never steered elsewhere
+        assert keys(await drain_queue(channel, topology.dead_letter_queue)) == [9]
+    finally:
+        await elsewhere.delete()
 
 
 async def test_a_token_fixed_after_no_credentials_is_delivered_on_replay(
@@ -418,7 +421,7 @@ async def test_purge_exports_then_import_restores_byte_identical_messages(
     imported = await import_export(
         AMQP_URL,
         topology.dead_letter_queue,
-        read_export(export),
+        export,
         skip=0,
         name="test import",
         make_progress=quiet,
@@ -528,17 +531,18 @@ async def depth_is_at_least(depth: Any, wanted: int) -> bool:
 async def test_a_session_sees_the_queue_as_it_was_when_it_began(
     amqp: AbstractConnection, channel: AbstractChannel, topology: Topology
 ) -> None:
-    """Dead letters that arrive during a pass are left for the next one, and stay in order
-    behind the others."""
+    """Dead letters that arrive during a pass are left for the next one; every message is
+    still there afterwards."""
     await seed(amqp, topology, SAMPLES[:3])
     async with session(topology) as dlq:
-        first = await collect(dlq, Filter(), 1)
+        first = await look(dlq, Filter(), 1)
         await seed(amqp, topology, SAMPLES[3:5])
-        rest = await collect(dlq, Filter(), None)
+        rest = await look(dlq, Filter(), None)
         assert isinstance(dlq, DlqSession)
         assert dlq.scan.expected == 3
-    assert [info.event_id for _, info in first + rest] == ["evt_0", "evt_1", "evt_2"]
-    assert keys(await drain_queue(channel, topology.dead_letter_queue)) == [0, 1, 2, 3, 4]
+    assert [info.event_id for info in first + rest] == ["evt_0", "evt_1", "evt_2"]
+    # Looking moves each to the back: the late ones land among the kept copies, none is lost.
+    assert keys(await drain_queue(channel, topology.dead_letter_queue)) == [0, 3, 4, 1, 2]
 
 
 # ── the command line, as an operator or a script runs it ─────────────────────────────────────
@@ -653,20 +657,36 @@ def test_cli_broker_trouble_exits_1_with_a_clear_message(names: dict[str, str]) 
     assert "Traceback" not in missing.stderr + unreachable.stderr
 
 
-async def test_warns_when_looks_add_up_to_a_delivery_limit(
-    amqp: AbstractConnection, topology: Topology
+async def test_looking_never_counts_a_delivery(
+    amqp: AbstractConnection, channel: AbstractChannel, topology: Topology
 ) -> None:
-    """Every look is a delivery the broker counts; after ten, commands warn about RabbitMQ
-    4.0-4.2's default limit of 20 (which would drop the message)."""
-    await seed(amqp, topology, SAMPLES[:1])
-    for _ in range(10):
+    """25 looks (more than RabbitMQ 4's default delivery limit of 20) leave each dead letter
+    as if never delivered: every look settles a copy, nothing is handed back to be counted."""
+    await seed(amqp, topology, SAMPLES[:2])
+    for _ in range(25):
         async with session(topology) as dlq:
-            await collect(dlq, Filter(), None)
-        assert not any("warning" in line for line in dlq.scan.warnings())
+            await look(dlq, Filter(), None)
+    remaining = await consume(channel, topology.dead_letter_queue, 2)
+    assert [(m.headers or {}).get("x-delivery-count", 0) for m in remaining] == [0, 0]
+    assert snapshot(remaining) == (await reference(amqp, topology))[:2]
+
+
+async def test_a_look_clears_what_earlier_releases_counted(
+    amqp: AbstractConnection, channel: AbstractChannel, topology: Topology
+) -> None:
+    """A dead letter that earlier releases' commands handed back 5 times (count 5) comes out
+    of one look with no count at all, the rest of it unchanged."""
+    await seed(amqp, topology, SAMPLES[:1])
+    for _ in range(5):  # what a command of today's release did: hold, then close the channel
+        holder = await amqp.channel()
+        queue = await holder.get_queue(topology.dead_letter_queue, ensure=False)
+        assert await queue.get(no_ack=False, fail=False) is not None
+        await holder.close()
     async with session(topology) as dlq:
-        await collect(dlq, Filter(), None)
-    assert dlq.scan.most_deliveries == 10
-    assert any("delivery limit" in line for line in dlq.scan.warnings())
+        await look(dlq, Filter(), None)
+    [kept] = await consume(channel, topology.dead_letter_queue, 1)
+    assert (kept.headers or {}).get("x-delivery-count", 0) == 0
+    assert snapshot([kept]) == (await reference(amqp, topology))[:1]
 
 
 def close_connections_named(broker: PrivateBroker, name: str) -> None:
@@ -705,7 +725,7 @@ async def test_losing_the_broker_mid_replay_stops_it_and_loses_nothing(
         close_connections_named(private_broker, name)
         summary = await task
         assert summary.aborted is not None
-        assert "back in the DLQ" in summary.aborted
+        assert "still in the DLQ" in summary.aborted
         moved = Counter(keys(await drain_queue(channel, topology.queue)))
         left = Counter(keys(await drain_queue(channel, topology.dead_letter_queue)))
         assert set(moved) | set(left) == set(range(60))

@@ -12,19 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from consumer.dlq.cli import parse_moment, parse_reason, parse_status
 from consumer.dlq.export import ExportedMessage, decode_line, encode_line
+from consumer.dlq.model import DeadLetterInfo, Filter, summarize
 from consumer.dlq.progress import ProgressBar, ProgressLines
-from consumer.dlq.view import (
-    DeadLetterInfo,
-    Filter,
-    parse_moment,
-    parse_reason,
-    parse_status,
-    render_list,
-    render_stats,
-    replay_headers,
-    summarize,
-)
+from consumer.dlq.render import render_list, render_stats
+from consumer.dlq.replay import replay_headers
 from consumer.errors import ConfigError
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "consumer"
 # Lower number = lower layer. A module may import its own layer or lower ones, never higher.
 LAYERS = {
     "errors": 0,
+    "headers": 0,
     "settings": 1,
     "logs": 1,
     "dlq.progress": 1,
@@ -31,16 +32,29 @@ LAYERS = {
     "metrics": 3,
     "depths": 3,
     "health": 3,
-    "dlq.view": 3,
+    "dlq.model": 3,
+    "dlq.session": 3,
     "handler": 4,
     "worker": 4,
-    "dlq.ops": 4,
+    "dlq.replay": 4,
+    "dlq.purge": 4,
+    "dlq.restore": 4,
+    "dlq.render": 5,
     "app": 5,
     "cli": 6,
     "dlq.cli": 6,
     "__main__": 7,
 }
-PURE = ("contract", "translate", "retry", "tracing", "breaker", "ratelimit", "dlq.export")
+PURE = (
+    "headers",
+    "contract",
+    "translate",
+    "retry",
+    "tracing",
+    "breaker",
+    "ratelimit",
+    "dlq.export",
+)
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
 

@@ -474,10 +474,10 @@ async def test_rate_limit_holds_over_a_window(
     assert all(depth <= 20 * elapsed + 1 for elapsed, depth in samples), samples
 
 
-def start_replay(topology: Topology, *extra: str) -> subprocess.Popen[str]:
+def start_replay(topology: Topology, *extra: str, url: str = AMQP_URL) -> subprocess.Popen[str]:
     env = {
         **os.environ,
-        "CONSUMER_AMQP_URL": AMQP_URL,
+        "CONSUMER_AMQP_URL": url,
         "CONSUMER_QUEUE": topology.queue,
         "CONSUMER_EXCHANGE": topology.exchange,
     }
@@ -735,3 +735,129 @@ async def test_losing_the_broker_mid_replay_stops_it_and_loses_nothing(
         await channel.queue_delete(topology.dead_letter_queue)
         await channel.exchange_delete(topology.exchange)
         await connection.close()
+
+
+# ── RabbitMQ 4: dead letters survive any number of looks (issue 10) ────────────────────────
+
+# The brokers the look test runs on. RabbitMQ 4.0 is the one that drops a quorum queue's message
+# after 20 returns; its URL comes from TEST_AMQP_URL_V4 (e.g. a node of `scripts/rabbitmq
+# --version 4`), and the case is skipped without it.
+BROKER_URLS = {"3.10": AMQP_URL, "4.0": os.environ.get("TEST_AMQP_URL_V4")}
+LOOKS = 100
+
+
+def counted(messages: list[AbstractIncomingMessage]) -> Counter[str]:
+    """The messages as a multiset of their snapshots (what must survive, byte for byte)."""
+    return Counter(repr(entry) for entry in snapshot(messages))
+
+
+async def interrupted_replay(topology: Topology, url: str, rng: random.Random) -> None:
+    """A replay that matches nothing (so every dead letter is looked at and kept), stopped at a
+    random moment by SIGKILL or SIGINT."""
+    process = start_replay(topology, "--installation", "icfg_nobody", url=url)
+    await asyncio.sleep(rng.uniform(0.3, 1.5))
+    process.send_signal(rng.choice([signal.SIGKILL, signal.SIGINT]))
+    process.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("version", list(BROKER_URLS))
+async def test_dead_letters_survive_100_looks(version: str, names: dict[str, str]) -> None:
+    """`dlq stats`, `dlq list` and replays killed at random points, 100 runs in a row, keep
+    every dead letter byte for byte (ours, a broker-made one, one that is not JSON), each
+    delivered at most once since its last look: on RabbitMQ 4.0 the default delivery limit of
+    20 would otherwise drop them. (A kill between a copy's confirm and its original's ack
+    leaves that one twice: at-least-once, never lost.)"""
+    url = BROKER_URLS[version]
+    if url is None:
+        pytest.skip("TEST_AMQP_URL_V4 is not set: no RabbitMQ 4 node to test against")
+    connection = await aio_pika.connect(url)
+    topology = Topology(names["exchange"], names["queue"], ())
+    channel = await connection.channel()
+    await declare(channel, topology)
+    try:
+        scratch = await channel.declare_queue(exclusive=True)
+        await seed(connection, topology, SAMPLES, into=scratch.name)
+        expected = counted(await drain_queue(channel, scratch.name))
+        await seed(connection, topology, SAMPLES)
+        rng = random.Random()
+        for run in range(LOOKS):
+            if run % 3 == 2:
+                await interrupted_replay(topology, url, rng)
+                continue
+            result = dlq_cli(topology, "stats" if run % 3 == 0 else "list", url=url)
+            assert result.returncode == 0, result.stderr
+        kept = await drain_queue(channel, topology.dead_letter_queue)
+        assert set(counted(kept)) == set(expected)  # every one, byte for byte, none lost
+        doubled = len(kept) - len(SAMPLES)  # a kill between a copy's confirm and its ack
+        assert doubled <= LOOKS // 3
+        assert all((m.headers or {}).get("x-delivery-count", 0) <= 1 for m in kept)
+        print(f"{version}: {LOOKS} looks, {len(SAMPLES)} of {len(SAMPLES)} kept, {doubled} doubled")
+    finally:
+        await channel.queue_delete(topology.queue)
+        await channel.queue_delete(topology.dead_letter_queue)
+        await channel.exchange_delete(topology.exchange)
+        await connection.close()
+
+
+# ── memory (issue 11) ────────────────────────────────────────────────────────────────────────
+
+BIG_BODY = 250 * 1024
+PEAK_RSS_LIMIT_MB = 100  # the replay Job's limit is 128Mi; the whole DLQ here is 73 MiB
+
+
+# Runs the command and prints its peak RSS. Measured from a small wrapper, not from pytest:
+# Linux starts a forked child's high-water mark at its parent's resident size.
+MEASURE = """
+import resource, subprocess, sys
+result = subprocess.run([sys.executable, "-m", "consumer", "dlq", *sys.argv[1:]],
+                        stdout=subprocess.DEVNULL, stderr=sys.stderr)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(result.returncode)
+"""
+
+
+def peak_rss_mb(topology: Topology, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Run `python -m consumer dlq ARGS` and measure its peak resident memory (MiB)."""
+    env = {
+        **os.environ,
+        "CONSUMER_AMQP_URL": AMQP_URL,
+        "CONSUMER_QUEUE": topology.queue,
+        "CONSUMER_EXCHANGE": topology.exchange,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    return int(result.stdout.strip() or 0) / 1024, result
+
+
+async def test_commands_run_in_bounded_memory(
+    amqp: AbstractConnection, channel: AbstractChannel, topology: Topology, tmp_path: Path
+) -> None:
+    """300 dead letters of 250 KiB (73 MiB): stats, a full replay dry run, a purge with an
+    export and the import back each peak below 100 MiB (they once held the whole DLQ: 131
+    MB), and nothing is lost."""
+    publisher = await amqp.channel(publisher_confirms=True)
+    for key in range(300):
+        body = orjson.dumps({"id": f"evt_{key}", "pad": "x" * BIG_BODY})
+        await publisher.default_exchange.publish(
+            aio_pika.Message(body, message_id=f"evt_{key}", headers={"dead-letter-reason": "x"}),
+            routing_key=topology.dead_letter_queue,
+        )
+    export = tmp_path / "big.jsonl"
+    peaks = {}
+    for name, args in {
+        "stats": ("stats",),
+        "replay --dry-run": ("replay", "--dry-run"),
+        "purge --export": ("purge", "--yes", "--export", str(export)),
+        "import": ("import", str(export)),
+    }.items():
+        peaks[name], result = peak_rss_mb(topology, *args)
+        assert result.returncode == 0, result.stderr
+    print(f"peak RSS (MiB): {peaks}")
+    assert max(peaks.values()) < PEAK_RSS_LIMIT_MB, peaks
+    assert sorted(keys(await drain_queue(channel, topology.dead_letter_queue))) == list(range(300))

@@ -861,3 +861,29 @@ async def test_commands_run_in_bounded_memory(
     print(f"peak RSS (MiB): {peaks}")
     assert max(peaks.values()) < PEAK_RSS_LIMIT_MB, peaks
     assert sorted(keys(await drain_queue(channel, topology.dead_letter_queue))) == list(range(300))
+
+
+async def test_cli_import_of_a_bad_file_publishes_nothing(
+    channel: AbstractChannel, topology: Topology, tmp_path: Path
+) -> None:
+    """A file whose second record has priority 1000, and /dev/zero, each end with exit 2 and
+    one sentence, no traceback, and nothing published (a rerun cannot duplicate)."""
+    good = orjson.dumps(
+        {"format": "vercel-consumer.dlq-export.v1", "body_base64": "e30=", "properties": {}}
+    )
+    bad = orjson.dumps(
+        {
+            "format": "vercel-consumer.dlq-export.v1",
+            "body_base64": "e30=",
+            "properties": {"priority": 1000},
+        }
+    )
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    for file, says in ((str(path), "record 2 cannot be published"), ("/dev/zero", "longer than")):
+        result = dlq_cli(topology, "import", file)
+        assert result.returncode == 2, result.stderr
+        assert says in result.stderr
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert await drain_queue(channel, topology.dead_letter_queue) == []

@@ -887,3 +887,86 @@ async def test_cli_import_of_a_bad_file_publishes_nothing(
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert await drain_queue(channel, topology.dead_letter_queue) == []
+
+
+async def test_a_slow_paced_replay_outlives_the_consumer_timeout(
+    private_broker: PrivateBroker, names: dict[str, str]
+) -> None:
+    """With the broker's consumer timeout at 2 s, a replay paced at one message per 4 s finishes
+    (it once held every dead letter from its start, and the broker closed its channel): no
+    message is in hand while it waits. Both matches move; the rest stay, all of them."""
+    private_broker.ctl(
+        "eval",
+        "application:set_env(rabbit, consumer_timeout, 2000), "
+        "application:set_env(rabbit, channel_tick_interval, 500).",
+    )
+    connection = await aio_pika.connect(private_broker.url)
+    topology = Topology(names["exchange"], names["queue"], ())
+    channel = await connection.channel()
+    await declare(channel, topology)
+    try:
+        await seed(connection, topology, SAMPLES[:6])  # evt_0 and evt_5 are no_credentials
+        result = dlq_cli(
+            topology,
+            "replay",
+            "--reason",
+            "no_credentials",
+            "--rate",
+            "0.25",
+            url=private_broker.url,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "moved 2" in result.stdout
+        assert keys(await drain_queue(channel, topology.queue)) == [0, 5]
+        assert keys(await drain_queue(channel, topology.dead_letter_queue)) == [1, 2, 3, 4]
+    finally:
+        private_broker.ctl(
+            "eval",
+            "application:set_env(rabbit, consumer_timeout, 1800000), "
+            "application:set_env(rabbit, channel_tick_interval, 60000).",
+        )
+        await channel.queue_delete(topology.queue)
+        await channel.queue_delete(topology.dead_letter_queue)
+        await channel.exchange_delete(topology.exchange)
+        await connection.close()
+
+
+async def test_a_dead_letter_the_broker_made_is_listed_and_replayed(
+    names: dict[str, str],
+) -> None:
+    """On RabbitMQ 4.0 the work queue dead-letters a message returned 20 times by itself (only
+    `x-death`, none of our headers): `dlq list` shows it as delivery_limit with its origin, and
+    replay puts it back in the work queue with its body intact and no broker history."""
+    url = BROKER_URLS["4.0"]
+    if url is None:
+        pytest.skip("TEST_AMQP_URL_V4 is not set: no RabbitMQ 4 node to test against")
+    connection = await aio_pika.connect(url)
+    topology = Topology(names["exchange"], names["queue"], ())
+    channel = await connection.channel()
+    await declare(channel, topology)
+    try:
+        body = orjson.dumps(event(installation_id="icfg_alpha"))
+        exchange = await channel.get_exchange(topology.exchange, ensure=False)
+        await exchange.publish(aio_pika.Message(body, message_id="evt_b"), "resource.renamed")
+        work = await channel.get_queue(topology.queue, ensure=False)
+        for _ in range(25):  # past the default limit of 20: the broker gives up on it
+            message = await work.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            await message.nack(requeue=True)
+        listed = dlq_cli(topology, "list", "--json", url=url)
+        assert listed.returncode == 0, listed.stderr
+        [row] = json.loads(listed.stdout)
+        expected = ("delivery_limit", json.loads(body)["id"], "resource.renamed")
+        assert (row["reason"], row["event_id"], row["type"]) == expected
+        replayed = dlq_cli(topology, "replay", "--reason", "delivery_limit", url=url)
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+        [back] = await consume(channel, topology.queue, 1)
+        assert back.body == body
+        assert not any(name.startswith("x-") for name in back.headers or {})
+        assert (back.headers or {})["original-exchange"] == topology.exchange
+    finally:
+        await channel.queue_delete(topology.queue)
+        await channel.queue_delete(topology.dead_letter_queue)
+        await channel.exchange_delete(topology.exchange)
+        await connection.close()

@@ -37,6 +37,7 @@ from consumer.dlq.session import (
     publish_errors,
     queue_state,
     stored_headers,
+    until_broker_error,
 )
 from consumer.errors import BrokerError
 from consumer.headers import (
@@ -227,18 +228,20 @@ async def replay(
     if not options.to_origin:  # fail once, clearly, rather than once per message
         await queue_state(session.connection, options.work_queue, session.address)
     progress = make_progress(session.scan.expected)
-    try:
-        if options.dry_run:
-            summary.would_move = await look(session, wanted, options.limit)
-            summary.skipped = session.scan.scanned - len(summary.would_move)
-        else:
-            await _move(session, wanted, options, summary, progress)
-    except BrokerError as exc:
-        summary.aborted = str(exc)
-    finally:
-        progress.close()
+    if options.dry_run:
+        work = _look(session, wanted, options, summary)
+    else:
+        work = _move(session, wanted, options, summary, progress)
+    summary.aborted = await until_broker_error(work, progress)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+async def _look(
+    session: DlqSession, wanted: Filter, options: ReplayOptions, summary: ReplaySummary
+) -> None:
+    summary.would_move = await look(session, wanted, options.limit)
+    summary.skipped = session.scan.scanned - len(summary.would_move)
 
 
 async def _move(

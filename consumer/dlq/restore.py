@@ -21,8 +21,13 @@ from aio_pika.abc import AbstractChannel
 from consumer.dlq.export import ExportedMessage, records
 from consumer.dlq.model import without_delivery_count
 from consumer.dlq.progress import Progress
-from consumer.dlq.session import PUBLISH_TIMEOUT, publish_errors, queue_state
-from consumer.errors import BrokerError, ConfigError
+from consumer.dlq.session import (
+    PUBLISH_TIMEOUT,
+    publish_errors,
+    queue_state,
+    until_broker_error,
+)
+from consumer.errors import ConfigError
 from consumer.headers import ORIGINAL_USER_ID
 from consumer.topology import broker_address, connect, open_channel
 
@@ -85,12 +90,8 @@ async def import_export(
         await queue_state(connection, dlq, broker_address(url))
         channel = await open_channel(connection)
         progress = make_progress(summary.total - summary.skipped)
-        try:
-            await _publish_records(channel, dlq, path, summary, progress)
-        except BrokerError as exc:
-            summary.error = str(exc)
-        finally:
-            progress.close()
+        work = _publish_records(channel, dlq, path, summary, progress)
+        summary.error = await until_broker_error(work, progress)
     finally:
         with contextlib.suppress(Exception):
             await connection.close()

@@ -45,6 +45,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from consumer.deadletter import copy_message
 from consumer.dlq.export import ExportedMessage
 from consumer.dlq.model import DeadLetterInfo, Filter, without_delivery_count
+from consumer.dlq.progress import Progress
 from consumer.errors import BrokerError
 from consumer.headers import ORIGINAL_USER_ID, PROPERTIES
 from consumer.topology import broker_address, broker_errors, connect, open_channel
@@ -261,6 +262,18 @@ async def queue_state(connection: AbstractConnection, queue: str, address: str) 
         await channel.close()
     result = declared.declaration_result
     return result.message_count or 0, result.consumer_count or 0
+
+
+async def until_broker_error(work: Awaitable[None], progress: Progress) -> str | None:
+    """Run `work`, showing `progress`; why it stopped early when the broker failed, else None
+    (what was done so far is the caller's summary)."""
+    try:
+        await work
+    except BrokerError as exc:
+        return str(exc)
+    finally:
+        progress.close()
+    return None
 
 
 @contextlib.contextmanager

@@ -24,9 +24,11 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from consumer.dlq.export import ExportedMessage, encode_line
 from consumer.dlq.model import DeadLetterInfo, Filter
 from consumer.dlq.progress import ProgressLines
 from consumer.dlq.purge import purge
+from consumer.dlq.render import describe_import
 from consumer.dlq.replay import ReplayOptions, replay
 from consumer.dlq.restore import import_export
 from consumer.dlq.session import DlqSession, locked_session, look
@@ -965,6 +967,64 @@ async def test_a_dead_letter_the_broker_made_is_listed_and_replayed(
         assert back.body == body
         assert not any(name.startswith("x-") for name in back.headers or {})
         assert (back.headers or {})["original-exchange"] == topology.exchange
+    finally:
+        await channel.queue_delete(topology.queue)
+        await channel.queue_delete(topology.dead_letter_queue)
+        await channel.exchange_delete(topology.exchange)
+        await connection.close()
+
+
+async def test_an_import_cut_off_half_way_says_where_to_resume(
+    private_broker: PrivateBroker, names: dict[str, str], tmp_path: Path
+) -> None:
+    """When the broker drops the connection during an import, the summary says how far it got;
+    a rerun with that --skip completes the DLQ with at most the one record in flight twice."""
+    connection = await aio_pika.connect(private_broker.url)
+    topology = Topology(names["exchange"], names["queue"], ())
+    channel = await connection.channel()
+    await declare(channel, topology)
+    total = 2000
+    export = tmp_path / "many.jsonl"
+    export.write_bytes(
+        b"".join(
+            encode_line(ExportedMessage(b"{}", {"message_id": f"evt_{key}", "headers": {}}))
+            for key in range(total)
+        )
+    )
+    name = f"dlq-import-{names['queue']}"
+
+    async def depth() -> int:
+        declared = await channel.declare_queue(topology.dead_letter_queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+    try:
+        task = asyncio.create_task(
+            import_export(
+                private_broker.url,
+                topology.dead_letter_queue,
+                export,
+                skip=0,
+                name=name,
+                make_progress=quiet,
+            )
+        )
+        await wait_until(lambda: depth_is_at_least(depth, 50))
+        close_connections_named(private_broker, name)
+        first = await task
+        assert first.error is not None
+        assert f"--skip {first.imported}" in describe_import(first, topology.dead_letter_queue)
+        rest = await import_export(
+            private_broker.url,
+            topology.dead_letter_queue,
+            export,
+            skip=first.imported,
+            name=name,
+            make_progress=quiet,
+        )
+        assert rest.error is None
+        restored = Counter(keys(await drain_queue(channel, topology.dead_letter_queue)))
+        assert set(restored) == set(range(total))  # nothing lost
+        assert sum(restored.values()) - total <= 1
     finally:
         await channel.queue_delete(topology.queue)
         await channel.queue_delete(topology.dead_letter_queue)

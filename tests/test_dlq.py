@@ -1030,3 +1030,22 @@ async def test_an_import_cut_off_half_way_says_where_to_resume(
         await channel.queue_delete(topology.dead_letter_queue)
         await channel.exchange_delete(topology.exchange)
         await connection.close()
+
+
+async def test_a_limited_purge_keeps_the_rest_in_order(
+    amqp: AbstractConnection, channel: AbstractChannel, topology: Topology
+) -> None:
+    """`purge --limit 1` deletes the first match only; every other dead letter stays, in its
+    order."""
+    await seed(amqp, topology, SAMPLES)
+
+    async def confirm(infos: list[DeadLetterInfo]) -> bool:
+        return True
+
+    async with session(topology) as dlq:
+        summary = await purge(
+            dlq, Filter(reason="rejected_by_vercel"), limit=1, export=None, confirm=confirm
+        )
+    assert summary.deleted == 1
+    left = keys(await drain_queue(channel, topology.dead_letter_queue))
+    assert left == [sample.key for sample in SAMPLES if sample.key != 2]

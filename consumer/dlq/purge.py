@@ -52,15 +52,15 @@ async def purge(
     """Delete the matching dead letters of one pass, exactly those shown to `confirm`, after
     writing them to `export` (if given)."""
     summary = PurgeSummary()
-    chosen = await _choose(session, wanted, limit, summary)
-    if not summary.matched:
-        return summary
-    if not await confirm(summary.matched):
-        summary.declined = True
-        return summary
-    await session.new_pass()
-    file = ExportFile(export) if export is not None else None
+    file = ExportFile(export) if export is not None else None  # a taken name fails here, first
     try:
+        chosen = await _choose(session, wanted, limit, summary)
+        if not summary.matched:
+            return summary
+        if not await confirm(summary.matched):
+            summary.declined = True
+            return summary
+        await session.new_pass()
         await _delete(session, chosen, file, summary)
     finally:
         _finish_export(file, summary)
@@ -82,6 +82,7 @@ async def _choose(
             summary.matched.append(info)
             chosen[fingerprint(record_of(message))] += 1
         await session.keep(message)
+    await session.finish_pass()  # past --limit: the rest is kept too, the DLQ in its order
     return chosen
 
 

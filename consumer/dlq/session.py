@@ -200,7 +200,8 @@ class DlqSession:
         """Leave `message` in the DLQ: its exact copy at the tail, confirmed, then the original
         acked. On failure the original stays in hand (returned when the session ends)."""
         copy = copy_message(message, stored_headers(message))
-        with publish_errors(f"keeping {message.message_id} in {self.dlq}"):
+        action = f"keeping {message.message_id!r} in {self.dlq}"
+        with self._lost_channel_errors(action), publish_errors(action):
             await self.unless_lost(
                 self.channel.default_exchange.publish(
                     copy, routing_key=self.dlq, mandatory=True, timeout=PUBLISH_TIMEOUT
@@ -226,10 +227,20 @@ class DlqSession:
 
     @contextlib.contextmanager
     def _lost_channel_errors(self, action: str) -> Iterator[None]:
-        if self._channel is not None and self._channel.is_closed:
+        """broker_errors, said as "the channel closed" when that is what happened (the operator
+        then knows where every dead letter is)."""
+        if self._is_lost():
             raise self._lost()
-        with broker_errors(action):
-            yield
+        try:
+            with broker_errors(action):
+                yield
+        except BrokerError:
+            if self._is_lost():
+                raise self._lost() from None
+            raise
+
+    def _is_lost(self) -> bool:
+        return self.connection.is_closed or (self._channel is not None and self._channel.is_closed)
 
     def _lost(self) -> BrokerError:
         return BrokerError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -347,3 +347,42 @@ def test_an_export_is_cut_back_to_what_was_committed(tmp_path: Path) -> None:
     dropped.discard()
     assert not (tmp_path / "dropped.jsonl").exists()
     ExportFile(tmp_path / "dropped.jsonl").discard()  # the name is free again
+
+
+ODD_TIMES = st.datetimes(
+    timezones=st.timedeltas(min_value=timedelta(hours=-23), max_value=timedelta(hours=23)).map(
+        timezone
+    )
+)
+OUR_NAMES = (
+    "dead-letter-reason",
+    "dead-letter-detail",
+    "dead-letter-http-status",
+    "dead-lettered-at",
+    "delivery-attempts",
+    "first-attempt-at",
+    "original-exchange",
+    "original-routing-key",
+    "replay-count",
+    "x-death",
+    "x-first-death-reason",
+    "x-first-death-queue",
+)
+ANY_VALUE = HEADER_VALUES | ODD_TIMES | ODD_TIMES.map(lambda moment: moment.isoformat())
+DEATHS = st.lists(st.dictionaries(st.sampled_from(["time", "reason", "exchange"]), ANY_VALUE))
+
+
+@given(
+    body=st.binary(max_size=64),
+    headers=st.dictionaries(st.sampled_from(OUR_NAMES), ANY_VALUE | DEATHS),
+)
+def test_no_header_value_crashes_a_view(body: bytes, headers: dict[str, Any]) -> None:
+    """Whatever our headers and the broker's hold (any type, times at any offset and at the
+    ends of the calendar, forged x-death lists), a dead letter reads, filters, counts, renders
+    and gets replay headers without an error."""
+    info = DeadLetterInfo.read(body, headers)
+    Filter(since=NOW, until=NOW, status="4xx", type_glob="*").matches(info)
+    render_stats(summarize([info, info]))
+    render_list([info])
+    info.as_json()
+    replay_headers(headers, NOW)

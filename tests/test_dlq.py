@@ -4,6 +4,7 @@ matches, nothing is lost or doubled by crashes or by two operators at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -691,6 +692,25 @@ async def test_a_look_clears_what_earlier_releases_counted(
     assert snapshot([kept]) == (await reference(amqp, topology))[:1]
 
 
+@contextlib.asynccontextmanager
+async def own_topology(
+    url: str, names: dict[str, str]
+) -> AsyncIterator[tuple[AbstractConnection, AbstractChannel, Topology]]:
+    """The relay's topology on the broker at `url`, with a connection and a channel to it;
+    deleted afterwards."""
+    connection = await aio_pika.connect(url)
+    topology = Topology(names["exchange"], names["queue"], ())
+    channel = await connection.channel()
+    await declare(channel, topology)
+    try:
+        yield connection, channel, topology
+    finally:
+        await channel.queue_delete(topology.queue)
+        await channel.queue_delete(topology.dead_letter_queue)
+        await channel.exchange_delete(topology.exchange)
+        await connection.close()
+
+
 def close_connections_named(broker: PrivateBroker, name: str) -> None:
     """Close, from the broker's side, the connections whose client called itself `name`."""
     listing = broker.ctl("-s", "list_connections", "pid", "client_properties").stdout
@@ -704,12 +724,8 @@ async def test_losing_the_broker_mid_replay_stops_it_and_loses_nothing(
 ) -> None:
     """When the broker drops the connection half-way, the replay stops with a reason (not a
     traceback), and every dead letter is in the work queue or back in the DLQ."""
-    connection = await aio_pika.connect(private_broker.url)
-    topology = Topology(names["exchange"], names["queue"], ())
-    channel = await connection.channel()
-    await declare(channel, topology)
-    name = f"dlq-test-{names['queue']}"
-    try:
+    async with own_topology(private_broker.url, names) as (connection, channel, topology):
+        name = f"dlq-test-{names['queue']}"
         await seed_many(connection, topology, 60)
 
         async def run() -> Any:
@@ -732,11 +748,6 @@ async def test_losing_the_broker_mid_replay_stops_it_and_loses_nothing(
         left = Counter(keys(await drain_queue(channel, topology.dead_letter_queue)))
         assert set(moved) | set(left) == set(range(60))
         assert sum((moved & left).values()) <= 1  # at most the one in flight, doubled
-    finally:
-        await channel.queue_delete(topology.queue)
-        await channel.queue_delete(topology.dead_letter_queue)
-        await channel.exchange_delete(topology.exchange)
-        await connection.close()
 
 
 # ── RabbitMQ 4: dead letters survive any number of looks (issue 10) ────────────────────────
@@ -772,11 +783,7 @@ async def test_dead_letters_survive_100_looks(version: str, names: dict[str, str
     url = BROKER_URLS[version]
     if url is None:
         pytest.skip("TEST_AMQP_URL_V4 is not set: no RabbitMQ 4 node to test against")
-    connection = await aio_pika.connect(url)
-    topology = Topology(names["exchange"], names["queue"], ())
-    channel = await connection.channel()
-    await declare(channel, topology)
-    try:
+    async with own_topology(url, names) as (connection, channel, topology):
         scratch = await channel.declare_queue(exclusive=True)
         await seed(connection, topology, SAMPLES, into=scratch.name)
         expected = counted(await drain_queue(channel, scratch.name))
@@ -794,11 +801,6 @@ async def test_dead_letters_survive_100_looks(version: str, names: dict[str, str
         assert doubled <= LOOKS // 3
         assert all((m.headers or {}).get("x-delivery-count", 0) <= 1 for m in kept)
         print(f"{version}: {LOOKS} looks, {len(SAMPLES)} of {len(SAMPLES)} kept, {doubled} doubled")
-    finally:
-        await channel.queue_delete(topology.queue)
-        await channel.queue_delete(topology.dead_letter_queue)
-        await channel.exchange_delete(topology.exchange)
-        await connection.close()
 
 
 # ── memory (issue 11) ────────────────────────────────────────────────────────────────────────
@@ -902,35 +904,28 @@ async def test_a_slow_paced_replay_outlives_the_consumer_timeout(
         "application:set_env(rabbit, consumer_timeout, 2000), "
         "application:set_env(rabbit, channel_tick_interval, 500).",
     )
-    connection = await aio_pika.connect(private_broker.url)
-    topology = Topology(names["exchange"], names["queue"], ())
-    channel = await connection.channel()
-    await declare(channel, topology)
-    try:
-        await seed(connection, topology, SAMPLES[:6])  # evt_0 and evt_5 are no_credentials
-        result = dlq_cli(
-            topology,
-            "replay",
-            "--reason",
-            "no_credentials",
-            "--rate",
-            "0.25",
-            url=private_broker.url,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "moved 2" in result.stdout
-        assert keys(await drain_queue(channel, topology.queue)) == [0, 5]
-        assert keys(await drain_queue(channel, topology.dead_letter_queue)) == [1, 2, 3, 4]
-    finally:
-        private_broker.ctl(
-            "eval",
-            "application:set_env(rabbit, consumer_timeout, 1800000), "
-            "application:set_env(rabbit, channel_tick_interval, 60000).",
-        )
-        await channel.queue_delete(topology.queue)
-        await channel.queue_delete(topology.dead_letter_queue)
-        await channel.exchange_delete(topology.exchange)
-        await connection.close()
+    async with own_topology(private_broker.url, names) as (connection, channel, topology):
+        try:
+            await seed(connection, topology, SAMPLES[:6])  # evt_0 and evt_5 are no_credentials
+            result = dlq_cli(
+                topology,
+                "replay",
+                "--reason",
+                "no_credentials",
+                "--rate",
+                "0.25",
+                url=private_broker.url,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "moved 2" in result.stdout
+            assert keys(await drain_queue(channel, topology.queue)) == [0, 5]
+            assert keys(await drain_queue(channel, topology.dead_letter_queue)) == [1, 2, 3, 4]
+        finally:
+            private_broker.ctl(
+                "eval",
+                "application:set_env(rabbit, consumer_timeout, 1800000), "
+                "application:set_env(rabbit, channel_tick_interval, 60000).",
+            )
 
 
 async def test_a_dead_letter_the_broker_made_is_listed_and_replayed(
@@ -942,11 +937,7 @@ async def test_a_dead_letter_the_broker_made_is_listed_and_replayed(
     url = BROKER_URLS["4.0"]
     if url is None:
         pytest.skip("TEST_AMQP_URL_V4 is not set: no RabbitMQ 4 node to test against")
-    connection = await aio_pika.connect(url)
-    topology = Topology(names["exchange"], names["queue"], ())
-    channel = await connection.channel()
-    await declare(channel, topology)
-    try:
+    async with own_topology(url, names) as (_, channel, topology):
         body = orjson.dumps(event(installation_id="icfg_alpha"))
         exchange = await channel.get_exchange(topology.exchange, ensure=False)
         await exchange.publish(aio_pika.Message(body, message_id="evt_b"), "resource.renamed")
@@ -967,11 +958,6 @@ async def test_a_dead_letter_the_broker_made_is_listed_and_replayed(
         assert back.body == body
         assert not any(name.startswith("x-") for name in back.headers or {})
         assert (back.headers or {})["original-exchange"] == topology.exchange
-    finally:
-        await channel.queue_delete(topology.queue)
-        await channel.queue_delete(topology.dead_letter_queue)
-        await channel.exchange_delete(topology.exchange)
-        await connection.close()
 
 
 async def test_an_import_cut_off_half_way_says_where_to_resume(
@@ -979,25 +965,21 @@ async def test_an_import_cut_off_half_way_says_where_to_resume(
 ) -> None:
     """When the broker drops the connection during an import, the summary says how far it got;
     a rerun with that --skip completes the DLQ with at most the one record in flight twice."""
-    connection = await aio_pika.connect(private_broker.url)
-    topology = Topology(names["exchange"], names["queue"], ())
-    channel = await connection.channel()
-    await declare(channel, topology)
-    total = 2000
-    export = tmp_path / "many.jsonl"
-    export.write_bytes(
-        b"".join(
-            encode_line(ExportedMessage(b"{}", {"message_id": f"evt_{key}", "headers": {}}))
-            for key in range(total)
+    async with own_topology(private_broker.url, names) as (_, channel, topology):
+        total = 2000
+        export = tmp_path / "many.jsonl"
+        export.write_bytes(
+            b"".join(
+                encode_line(ExportedMessage(b"{}", {"message_id": f"evt_{key}", "headers": {}}))
+                for key in range(total)
+            )
         )
-    )
-    name = f"dlq-import-{names['queue']}"
+        name = f"dlq-import-{names['queue']}"
 
-    async def depth() -> int:
-        declared = await channel.declare_queue(topology.dead_letter_queue, passive=True)
-        return declared.declaration_result.message_count or 0
+        async def depth() -> int:
+            declared = await channel.declare_queue(topology.dead_letter_queue, passive=True)
+            return declared.declaration_result.message_count or 0
 
-    try:
         task = asyncio.create_task(
             import_export(
                 private_broker.url,
@@ -1025,11 +1007,6 @@ async def test_an_import_cut_off_half_way_says_where_to_resume(
         restored = Counter(keys(await drain_queue(channel, topology.dead_letter_queue)))
         assert set(restored) == set(range(total))  # nothing lost
         assert sum(restored.values()) - total <= 1
-    finally:
-        await channel.queue_delete(topology.queue)
-        await channel.queue_delete(topology.dead_letter_queue)
-        await channel.exchange_delete(topology.exchange)
-        await connection.close()
 
 
 async def test_a_limited_purge_keeps_the_rest_in_order(

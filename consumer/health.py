@@ -4,8 +4,8 @@
   when it has been stalling (see `LoopMonitor`).
 - `GET /readyz`: 200 `{"ready": true}` when connected to the broker and consuming; otherwise
   503 `{"ready": false, "reason": …}` (starting, disconnected, shutting_down, circuit_open).
-- `GET /metrics`: the `Metrics` registry, in Prometheus' text format or OpenMetrics as the
-  scraper asks (prometheus_client's own aiohttp handler).
+- `GET /metrics`: the `Metrics` registry (or the outbox relay's), in Prometheus' text format
+  or OpenMetrics as the scraper asks (prometheus_client's own aiohttp handler).
 
 It runs in the worker's event loop and logs no request: probes come every few seconds.
 """
@@ -15,14 +15,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from consumer.metrics import Metrics
-
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class Served(Protocol):
+    """What the endpoint serves: the worker's `Metrics`, or the outbox relay's."""
+
+    registry: CollectorRegistry
+    event_loop_lag: Gauge
 
 
 class LoopMonitor:
@@ -90,7 +96,7 @@ class HealthServer:
     """Serves /livez, /readyz and /metrics; `start()` it, and `stop()` it after the worker."""
 
     def __init__(
-        self, readiness: Readiness, metrics: Metrics, monitor: LoopMonitor | None = None
+        self, readiness: Readiness, metrics: Served, monitor: LoopMonitor | None = None
     ) -> None:
         self._readiness = readiness
         self._metrics = metrics

@@ -68,19 +68,18 @@ class Metrics:
             ["queue"],
             registry=self.registry,
         )
-        self.event_loop_lag = Gauge(
-            f"{PREFIX}_event_loop_lag_seconds",
-            "How late the event loop's last heartbeat ran (seconds).",
-            registry=self.registry,
-        )
+        self.event_loop_lag = register_process_metrics(self.registry)
         self.concurrency_limit = Gauge(
             f"{PREFIX}_concurrency_limit",
             "CONSUMER_CONCURRENCY: the most deliveries this worker handles at once.",
             registry=self.registry,
         )
-        info = Gauge(f"{PREFIX}_build_info", "Always 1.", ["version"], registry=self.registry)
-        info.labels(__version__).set(1)
-        ProcessCollector(registry=self.registry)
+        self.redeliveries_skipped = Counter(
+            f"{PREFIX}_redeliveries_skipped",
+            "Redeliveries acked without calling Vercel: Vercel had accepted that very event "
+            "(same id and body) but its ack was lost with the channel.",
+            registry=self.registry,
+        )
         self._sampled = _Sampled()
         self.registry.register(self._sampled)
 
@@ -129,6 +128,19 @@ class Metrics:
             "throttled_installations": throttled_installations,
         }
         self._sampled.circuit_state = circuit_state
+
+
+def register_process_metrics(registry: CollectorRegistry) -> Gauge:
+    """What every server of the package exports (the worker, the outbox relay): build info,
+    the process collector, and the event-loop lag gauge, returned for the health monitor."""
+    info = Gauge(f"{PREFIX}_build_info", "Always 1.", ["version"], registry=registry)
+    info.labels(__version__).set(1)
+    ProcessCollector(registry=registry)
+    return Gauge(
+        f"{PREFIX}_event_loop_lag_seconds",
+        "How late the event loop's last heartbeat ran (seconds).",
+        registry=registry,
+    )
 
 
 def event_family(event_type: str | None) -> str:

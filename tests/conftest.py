@@ -31,6 +31,7 @@ from consumer.contract import example_event
 from consumer.health import HealthServer
 from consumer.logs import configure_logging, get_logger
 from consumer.metrics import Metrics
+from consumer.otel import NO_TRACER, Tracer
 from consumer.publish.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
 from consumer.testing.vercel_sim import VercelSimulator
@@ -132,6 +133,18 @@ def private_broker(private_node: PrivateBroker) -> PrivateBroker:
 
 
 @pytest.fixture
+async def outbox_dsn() -> AsyncIterator[str]:
+    """A database of this test's own on the real PostgreSQL, with the outbox schema."""
+    from consumer.outbox.store import init_schema
+    from tests.postgres import create_database, drop_database
+
+    dsn = await asyncio.to_thread(create_database)
+    await init_schema(dsn)
+    yield dsn
+    await asyncio.to_thread(drop_database, dsn)
+
+
+@pytest.fixture
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on (the health endpoint's, say)."""
     with socket.socket() as sock:
@@ -190,7 +203,9 @@ async def start_relay(
     relays: list[Relay] = []
     clients: list[VercelClient] = []
 
-    async def start(wait_consuming: bool = True, **overrides: Any) -> Relay:
+    async def start(
+        wait_consuming: bool = True, tracer: Tracer = NO_TRACER, **overrides: Any
+    ) -> Relay:
         values: dict[str, Any] = {
             "amqp_url": AMQP_URL,
             "vercel_api_url": sim.url,
@@ -209,7 +224,7 @@ async def start_relay(
         vercel = VercelClient(settings.vercel_api_url, timeout=settings.http_timeout)
         clients.append(vercel)
         metrics = Metrics()
-        worker = build_worker(settings, vercel, get_logger("test"), metrics)
+        worker = build_worker(settings, vercel, get_logger("test"), metrics, tracer)
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         relay = Relay(settings, worker, worker.topology, logs, task, stop, metrics)

@@ -17,12 +17,18 @@ LAYERS = {
     "logs": 1,
     "dlq.progress": 1,
     "contract": 2,
+    "outbox.schema": 2,
     "translate": 2,
+    "cloudevents": 2,
+    "asyncapi": 4,
     "retry": 2,
     "tracing": 2,
     "breaker": 2,
     "ratelimit": 2,
     "dlq.export": 2,
+    "amqpurl": 0,
+    "backoff": 0,
+    "accepted": 0,
     "tokens": 3,
     "vercel": 3,
     "topology": 3,
@@ -30,12 +36,18 @@ LAYERS = {
     "publish.publisher": 3,
     "testing.vercel_sim": 3,
     "metrics": 3,
+    "otel": 3,
+    "otel_sdk": 3,
+    "outbox.write": 3,
+    "outbox.store": 3,
+    "outbox.metrics": 3,
     "depths": 3,
     "health": 3,
     "dlq.model": 3,
     "dlq.session": 3,
     "handler": 4,
     "worker": 4,
+    "outbox.relay": 4,
     "dlq.replay": 4,
     "dlq.purge": 4,
     "dlq.restore": 4,
@@ -43,17 +55,23 @@ LAYERS = {
     "app": 5,
     "cli": 6,
     "dlq.cli": 6,
+    "outbox.cli": 6,
     "__main__": 7,
 }
 PURE = (
     "headers",
+    "amqpurl",
+    "backoff",
+    "accepted",
     "contract",
+    "cloudevents",
     "translate",
     "retry",
     "tracing",
     "breaker",
     "ratelimit",
     "dlq.export",
+    "outbox.schema",
 )
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
@@ -103,4 +121,16 @@ def test_only_the_cli_reads_settings() -> None:
     """Settings are read once, by the entry points (cli, app and the dlq commands, dlq.cli);
     other modules receive plain values."""
     readers = {module for module in LAYERS if "consumer.settings" in imports_of(module)}
-    assert readers == {"app", "cli", "dlq.cli"}
+    assert readers == {"app", "cli", "dlq.cli", "outbox.cli"}
+
+
+def test_only_the_cli_reaches_the_outbox() -> None:
+    """The worker and the rest of the package never import the outbox (and so never need its
+    PostgreSQL driver); the command line reaches it through its own entry point only."""
+    importers = {
+        module
+        for module in LAYERS
+        if not module.startswith("outbox.")
+        and any(name.startswith("consumer.outbox") for name in imports_of(module))
+    }
+    assert importers == {"cli"}

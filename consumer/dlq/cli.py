@@ -188,7 +188,7 @@ def _dlq_session(
 ) -> contextlib.AbstractAsyncContextManager[DlqSession]:
     """The DLQ's lock and one pass over it, for this command."""
     return locked_session(
-        settings.amqp_url.get_secret_value(),
+        settings.broker_urls(),
         _dead_letter_queue(settings),
         wait=args.wait,
         name=f"{connection_name()} dlq",
@@ -276,7 +276,7 @@ async def _dlq_purge(args: argparse.Namespace, settings: Settings) -> None:
 async def _dlq_import(args: argparse.Namespace, settings: Settings) -> None:
     check_export(args.file)  # a bad file is bad usage: exit 2 before connecting
     summary = await import_export(
-        settings.amqp_url.get_secret_value(),
+        settings.broker_urls(),
         _dead_letter_queue(settings),
         args.file,
         skip=args.skip,

@@ -87,6 +87,15 @@ app.kubernetes.io/component: worker
 {{- if .Values.tokens.fallback.existingSecret }}{{ .Values.tokens.fallback.existingSecretKey }}{{ else }}vercel-token{{ end }}
 {{- end }}
 
+{{/* Where the outbox relay's DSN comes from: an existing Secret, or the chart's. */}}
+{{- define "vec.outboxSecretName" -}}
+{{- default (include "vec.secretName" .) .Values.outbox.existingSecret }}
+{{- end }}
+
+{{- define "vec.outboxSecretKey" -}}
+{{- if .Values.outbox.existingSecret }}{{ .Values.outbox.existingSecretKey }}{{ else }}outbox-dsn{{ end }}
+{{- end }}
+
 {{/* Seconds Kubernetes waits after SIGTERM: longer than the worker's own shutdown timeout. */}}
 {{- define "vec.terminationGracePeriodSeconds" -}}
 {{- $timeout := float64 .Values.config.shutdownTimeout }}
@@ -107,6 +116,48 @@ app.kubernetes.io/component: worker
     secretKeyRef:
       name: {{ include "vec.amqpSecretName" . }}
       key: {{ include "vec.amqpSecretKey" . }}
+{{- with .Values.amqp.tls }}
+{{- if .existingSecret }}
+- name: CONSUMER_AMQP_CAFILE
+  value: {{ printf "%s/%s" .mountPath .caKey | quote }}
+{{- if .certKey }}
+- name: CONSUMER_AMQP_CERTFILE
+  value: {{ printf "%s/%s" .mountPath .certKey | quote }}
+{{- end }}
+{{- if .keyKey }}
+- name: CONSUMER_AMQP_KEYFILE
+  value: {{ printf "%s/%s" .mountPath .keyKey | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The broker TLS Secret's volume mount (nothing without amqp.tls.existingSecret). */}}
+{{- define "vec.amqpTlsMount" -}}
+{{- with .Values.amqp.tls }}
+{{- if .existingSecret }}
+- name: amqp-tls
+  mountPath: {{ .mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The broker TLS Secret as a volume: only the keys named in values. */}}
+{{- define "vec.amqpTlsVolume" -}}
+{{- with .Values.amqp.tls }}
+{{- if .existingSecret }}
+- name: amqp-tls
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 0440
+    items:
+      {{- range compact (list .caKey .certKey .keyKey) }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Comma-separated seconds from a list of numbers. */}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
@@ -11,6 +10,7 @@ from aio_pika.abc import AbstractChannel
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import connection_name
+from tests.brokers import shared_ctl
 from tests.conftest import broker_connections, event, wait_until
 
 
@@ -29,12 +29,7 @@ def close_consumer_connections() -> int:
         if named in properties
     ]
     for pid in pids:
-        subprocess.run(
-            ["rabbitmqctl", "-q", "close_connection", pid, "test: connection dropped"],
-            capture_output=True,
-            check=True,
-            timeout=60,
-        )
+        shared_ctl("-q", "close_connection", pid, "test: connection dropped")
     return len(pids)
 
 

@@ -35,7 +35,13 @@ from aio_pika.abc import (
 
 from consumer.breaker import CircuitBreaker
 from consumer.errors import BrokerError
-from consumer.topology import Topology, broker_errors, declare, open_channel
+from consumer.topology import (
+    Topology,
+    broker_errors,
+    declare,
+    open_channel,
+    unprotected_warning,
+)
 
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 Connect = Callable[[], Awaitable[AbstractConnection]]
@@ -75,6 +81,7 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._broker_lost: str | None = None  # the error that ended the last session
         self.reconnects = 0  # sessions that failed or ended on a broker error
+        self._reported: set[str] = set()  # queues already warned about (once per process)
 
     @property
     def consuming(self) -> bool:
@@ -119,7 +126,9 @@ class Worker:
         watcher: asyncio.Task[None] | None = None
         try:
             channel = await open_channel(connection, prefetch=self._concurrency)
-            queue = await declare(channel, self.topology)
+            declared = await declare(channel, self.topology)
+            self._report_unprotected(declared.without_delivery_limit, declared.broker_version)
+            queue = declared.work_queue
             self._broker_lost = None
             if self._session_task is not None:
                 watcher = asyncio.create_task(self._session_task(connection))
@@ -136,6 +145,14 @@ class Worker:
             await self._abandon_in_flight()
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    def _report_unprotected(self, queues: Sequence[str], broker_version: str) -> None:
+        """Warn, once per queue, about a queue an earlier release declared without a limit."""
+        for queue in queues:
+            if queue not in self._reported:
+                self._reported.add(queue)
+                message = unprotected_warning(queue, self.topology, broker_version)
+                self._log.warning("queue without delivery limit", queue=queue, detail=message)
 
     async def _consume_until_stopped(
         self,

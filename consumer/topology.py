@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -109,6 +109,36 @@ async def connect(url: str, *, name: str = "vercel-consumer") -> AbstractConnect
             return await aio_pika.connect(
                 with_heartbeat(url), client_properties={"connection_name": name}
             )
+
+
+BlockedCallback = Callable[[str | None], None]
+
+
+def watch_blocked(connection: AbstractConnection, on_change: BlockedCallback) -> bool:
+    """Call `on_change(reason)` when the broker blocks `connection` (a memory or disk alarm:
+    `connection.blocked`, which stops every publish on it) and `on_change(None)` when it
+    unblocks it. False when the AMQP client cannot tell (then nothing is called).
+
+    aiormq 7 handles both frames in private methods, with no callback: they are wrapped on
+    this connection's own instance, which is where its frame reader looks them up.
+    """
+    underlay = connection.transport.connection if connection.transport else None
+    names = ("_Connection__handle_connection_blocked", "_Connection__handle_connection_unblocked")
+    blocked, unblocked = (getattr(underlay, name, None) for name in names)
+    if not (callable(blocked) and callable(unblocked)):
+        return False
+
+    async def on_blocked(frame: Any) -> None:
+        await blocked(frame)
+        on_change(_text(getattr(frame, "reason", "")) or "unknown")
+
+    async def on_unblocked(frame: Any) -> None:
+        await unblocked(frame)
+        on_change(None)
+
+    setattr(underlay, names[0], on_blocked)
+    setattr(underlay, names[1], on_unblocked)
+    return True
 
 
 def with_heartbeat(url: str, seconds: int = HEARTBEAT) -> str:

@@ -14,7 +14,10 @@ messages wait in the work queue, and fetches one message at a time (`basic.get`)
 whenever the breaker allows one; once a probe succeeds the breaker closes and it consumes again.
 
 `readiness()` says whether the worker is consuming, and why not: starting, disconnected (with
-the broker's error), circuit_open or shutting_down. `in_flight`, `consuming` and `reconnects`
+the broker's error), circuit_open, shutting_down, or broker_blocked (the broker blocked the
+connection over a memory or disk alarm: nothing can be published or acked until it lifts;
+retry and dead-letter publishes wait, bounded by their confirm timeout, and whatever was not
+acked is redelivered). `in_flight`, `consuming` and `reconnects`
 are read by the metrics at scrape time. A `session_task` (the queue-depth poller) runs
 alongside each broker session, on its connection.
 """
@@ -41,6 +44,7 @@ from consumer.topology import (
     declare,
     open_channel,
     unprotected_warning,
+    watch_blocked,
 )
 
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -82,10 +86,16 @@ class Worker:
         self._broker_lost: str | None = None  # the error that ended the last session
         self.reconnects = 0  # sessions that failed or ended on a broker error
         self._reported: set[str] = set()  # queues already warned about (once per process)
+        self._blocked: tuple[str, float] | None = None  # the broker's reason, since when
 
     @property
     def consuming(self) -> bool:
         return self._status == "consuming"
+
+    @property
+    def broker_blocked(self) -> bool:
+        """Whether the broker is blocking this worker's connection right now (a resource alarm)."""
+        return self._blocked is not None
 
     @property
     def in_flight(self) -> int:
@@ -97,6 +107,9 @@ class Worker:
         stopping = self._stop is not None and self._stop.is_set()
         status = "shutting_down" if stopping else self._status  # from the signal on, not later
         detail: dict[str, Any] = {"status": status, "circuit": self._breaker.state.value}
+        if status in ("consuming", "circuit_open") and self._blocked is not None:
+            detail.update(reason="broker_blocked", detail=self._blocked[0])
+            return False, detail
         if status != "consuming":
             detail["reason"] = status
         if status == "disconnected" and self._broker_lost is not None:
@@ -123,6 +136,7 @@ class Worker:
     async def _session(self, stop: asyncio.Event) -> None:
         self._consumed = False
         connection = await self._connect()
+        watch_blocked(connection, self._on_blocked)
         watcher: asyncio.Task[None] | None = None
         try:
             channel = await open_channel(connection, prefetch=self._concurrency)
@@ -139,12 +153,26 @@ class Worker:
         finally:
             if self._status != "shutting_down":
                 self._status = "disconnected"
+            self._blocked = None  # a new connection starts unblocked
             if watcher is not None:
                 watcher.cancel()
                 await asyncio.wait({watcher})
             await self._abandon_in_flight()
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    def _on_blocked(self, reason: str | None) -> None:
+        """The broker blocked (`reason`) or unblocked (None) the connection: one line each."""
+        loop = asyncio.get_running_loop()
+        if reason is not None and self._blocked is None:
+            self._blocked = (reason, loop.time())
+            self._log.warning(
+                "broker blocked the connection; publishes and acks wait", broker_reason=reason
+            )
+        elif reason is None and self._blocked is not None:
+            seconds = round(loop.time() - self._blocked[1], 1)
+            self._blocked = None
+            self._log.info("broker unblocked the connection", blocked_s=seconds)
 
     def _report_unprotected(self, queues: Sequence[str], broker_version: str) -> None:
         """Warn, once per queue, about a queue an earlier release declared without a limit."""

@@ -55,6 +55,7 @@ async def _delete(topology: Topology, url: str = AMQP_URL) -> None:
         await channel.exchange_delete(topology.exchange)
 
 
+@pytest.mark.broker
 async def test_calls_on_a_closed_channel_or_connection_are_broker_errors() -> None:
     """A channel or connection that closed between two calls makes the next call a
     BrokerError, like any other broker failure (aio-pika says so with RuntimeError)."""
@@ -68,6 +69,7 @@ async def test_calls_on_a_closed_channel_or_connection_are_broker_errors() -> No
         await open_channel(connection)
 
 
+@pytest.mark.broker
 async def test_worker_outlives_a_connection_that_closes_before_its_channel_opens(
     names: dict[str, str],
 ) -> None:
@@ -117,6 +119,7 @@ def broker_heartbeats() -> dict[str, int]:
     return found
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(("query", "expected"), [("", 10), ("?heartbeat=30", 30)])
 async def test_connections_ask_for_heartbeats_every_ten_seconds(query: str, expected: int) -> None:
     """The worker's connections heartbeat every 10 s (aiormq's default, 60 s, let a silent

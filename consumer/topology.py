@@ -188,10 +188,10 @@ async def declare(channel: AbstractChannel, topology: Topology) -> Declared:
             topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         # The DLQ first: the work queue dead-letters into it.
-        dlq_limited = await _declare_limited(
+        dlq_limited = await declare_with_delivery_limit(
             connection, topology.dead_letter_queue, QUORUM, DLQ_DELIVERY_LIMIT
         )
-        work_limited = await _declare_limited(
+        work_limited = await declare_with_delivery_limit(
             connection,
             topology.queue,
             dead_lettering_to(topology.dead_letter_queue),
@@ -212,13 +212,15 @@ async def declare(channel: AbstractChannel, topology: Topology) -> Declared:
         return Declared(work_queue, _text(version), tuple(unprotected))
 
 
-async def _declare_limited(
+async def declare_with_delivery_limit(
     connection: aiormq.abc.AbstractConnection, queue: str, arguments: dict[str, Any], limit: int
 ) -> bool:
-    """Declare `queue` with `arguments` and delivery limit `limit`; True if it has that limit.
+    """Declare `queue` with `arguments` and delivery limit `limit`; True if it has that limit,
+    False if an earlier release declared it without one (it is then declared as it is).
 
-    A queue an earlier release declared without a limit makes the broker refuse (and close the
-    channel): each try gets a channel of its own, and the queue is then declared as it is.
+    The broker refuses the limit on such a queue and closes the channel, so each try gets a
+    channel of its own. Also the way to ask whether an existing DLQ is protected (declare it
+    with `QUORUM` and `DLQ_DELIVERY_LIMIT`): AMQP shows no queue's arguments.
     """
     for limited in (True, False):
         extra = {DELIVERY_LIMIT: limit} if limited else {}

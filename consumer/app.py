@@ -14,6 +14,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 
 from consumer import __version__
+from consumer.accepted import AcceptedMemory
 from consumer.breaker import CircuitBreaker
 from consumer.breaker import State as BreakerState
 from consumer.deadletter import Republisher
@@ -23,17 +24,22 @@ from consumer.handler import Handler
 from consumer.health import HealthServer
 from consumer.logs import get_logger
 from consumer.metrics import Metrics
+from consumer.otel import NO_TRACER, Tracer, tracer_from_environ
 from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import RetryPolicy
 from consumer.settings import Settings
 from consumer.tokens import TokenStore
-from consumer.topology import Topology, connect, connection_name
+from consumer.topology import Connector, Topology, connection_name
 from consumer.vercel import VercelClient
 from consumer.worker import MessageHandler, SessionTask, Worker
 
 
 def build_worker(
-    settings: Settings, vercel: VercelClient, log: Any, metrics: Metrics | None = None
+    settings: Settings,
+    vercel: VercelClient,
+    log: Any,
+    metrics: Metrics | None = None,
+    tracer: Tracer = NO_TRACER,
 ) -> Worker:
     """Wire the worker's collaborators from settings, recording into `metrics` (or a new one)."""
     metrics = Metrics() if metrics is None else metrics
@@ -46,6 +52,7 @@ def build_worker(
     breaker = build_breaker(settings, log)
     limits = InstallationLimits()
     rate = RequestRate(settings.max_rps)
+    accepted = AcceptedMemory()  # shared by every session: redeliveries come on the next one
 
     def make_handler(channel: AbstractChannel) -> MessageHandler:
         return Handler(
@@ -60,12 +67,12 @@ def build_worker(
             max_redeliveries=settings.max_redeliveries,
             log=log,
             metrics=metrics,
+            accepted=accepted,
+            tracer=tracer,
         )
 
-    amqp_url = settings.amqp_url.get_secret_value()
-    name = connection_name()
     worker = Worker(
-        connect=lambda: connect(amqp_url, name=name),
+        connect=Connector(settings.broker_urls(), name=connection_name()),
         topology=topology,
         make_handler=make_handler,
         breaker=breaker,
@@ -121,7 +128,9 @@ async def serve(settings: Settings) -> None:
         timeout=settings.http_timeout,
         max_connections=settings.concurrency,
     )
-    worker = build_worker(settings, vercel, log, metrics)
+    # Standard OTEL_* variables, read here like the settings; a bad one stops the start (exit 2).
+    tracer, tracing = tracer_from_environ(os.environ, api_url=settings.vercel_api_url)
+    worker = build_worker(settings, vercel, log, metrics, tracer)
     stop = asyncio.Event()
     _install_signal_handlers(stop, log)
     log.info(
@@ -131,6 +140,7 @@ async def serve(settings: Settings) -> None:
         vercel_api_url=settings.vercel_api_url,
         queue=settings.queue,
         concurrency=settings.concurrency,
+        tracing=tracing,
     )
     health: HealthServer | None = None
     try:
@@ -140,6 +150,7 @@ async def serve(settings: Settings) -> None:
         if health is not None:  # after the drain: /readyz says shutting_down until the end
             await health.stop()
         await vercel.aclose()
+        tracer.shutdown()  # exports the spans still buffered
 
 
 async def start_health(

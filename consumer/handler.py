@@ -5,8 +5,9 @@ The handler never lets an exception escape and never acks a message before its o
 durable: after Vercel's 2xx, or after the broker confirmed the copy in a retry tier or the DLQ.
 When that copy cannot be published the message is left to the broker to deliver again.
 Each outcome and each call to Vercel is counted in `Metrics`; a valid W3C `traceparent` message
-header is forwarded to Vercel and its trace id logged. Everything it needs is built once and
-passed in; nothing is constructed per message.
+header is forwarded to Vercel and its trace id logged; with OTEL_* set, each delivery and each
+Vercel call is also a span (consumer/otel.py), and the call's own context is forwarded.
+Everything it needs is built once and passed in; nothing is constructed per message.
 
 Before sending, a message waits for its installation's rate limit and the global one: a short
 wait is held in place, a longer one is deferred to a retry tier (without spending an attempt)
@@ -14,6 +15,10 @@ so that it does not hold a consumer slot the other installations need. Every Ver
 reported to the circuit breaker; while it is open, failures do not spend attempts either.
 A message the broker has redelivered more than `max_redeliveries` times is dead-lettered
 unprocessed: it may be what killed the workers that held it.
+
+When an ack is lost after Vercel's 2xx (the channel closed meanwhile), the event is remembered
+(`AcceptedMemory`: its id and a hash of its body, for a few minutes); its redelivery to this
+worker is acked without a second call, logged as `redelivery_skipped` and counted.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.accepted import AcceptedMemory
 from consumer.breaker import CircuitBreaker
 from consumer.contract import Event, parse_event
 from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
@@ -38,6 +44,7 @@ from consumer.errors import (
     VercelUnavailable,
 )
 from consumer.metrics import Metrics, retry_cause
+from consumer.otel import NO_TRACER, Tracer
 from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import DeadLetter, RetryPolicy
 from consumer.tokens import TokenStore
@@ -68,7 +75,10 @@ class Handler:
         max_redeliveries: int,
         log: Any,
         metrics: Metrics,
+        accepted: AcceptedMemory | None = None,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
+        self._accepted = AcceptedMemory() if accepted is None else accepted
         self._vercel = vercel
         self._tokens = tokens
         self._policy = policy
@@ -80,20 +90,30 @@ class Handler:
         self._max_redeliveries = max_redeliveries
         self._log = log
         self._metrics = metrics
+        self._tracer = tracer
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         attempts = attempts_made(message.headers) + 1
+        with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* turns tracing on
+            await self._handle(message, attempts)
+
+    async def _handle(self, message: AbstractIncomingMessage, attempts: int) -> None:
         fields: dict[str, Any] = {
             "event_id": message.message_id,
             "routing_key": message.routing_key,
             "attempt": attempts,
         }
         trace_headers = self._trace_headers(message, fields)
+        if "trace_id" not in fields and (trace_id := self._tracer.trace_id()):
+            fields["trace_id"] = trace_id  # the trace this delivery's spans started
         started = time.perf_counter()
         try:
             self._check_redeliveries(message)
             event = parse_event(message.body, max_bytes=self._max_body_bytes)
             fields.update(_event_fields(event))
+            if message.redelivered and self._accepted.holds(event.id, message.body):
+                await self._skip_accepted(message, fields)
+                return
             token = self._tokens.token_for(event.installation_id)
             delivered = await self._send(event, token, trace_headers)
         except DeliveryError as error:
@@ -108,6 +128,7 @@ class Handler:
             fields.update(status=delivered.status, vercel_id=delivered.vercel_id)
             fields["latency_ms"] = _elapsed_ms(started)
             self._metrics.outcome("delivered", event.type)
+            self._tracer.outcome("delivered")
             await self._settle(message, "delivered", fields)
 
     def _trace_headers(
@@ -159,23 +180,27 @@ class Handler:
     ) -> Delivered:
         """One call to Vercel, timed by status class for the latency histogram."""
         started = time.perf_counter()
-        try:
-            delivered = await self._vercel.send(request, token, headers)
-        except VercelError as error:
-            self._metrics.vercel_request(error.status, time.perf_counter() - started)
-            raise
+        with self._tracer.vercel_call(request.path) as call:
+            try:
+                delivered = await self._vercel.send(request, token, call.forward(headers))
+            except VercelError as error:
+                self._metrics.vercel_request(error.status, time.perf_counter() - started)
+                raise
+            call.answered(delivered.status)
         self._metrics.vercel_request(delivered.status, time.perf_counter() - started)
         return delivered
 
     async def _wait_turn(self, installation: str) -> None:
         while (wait := self._limits.wait_for(installation)) > 0:
+            self._tracer.event("rate_limit.wait", wait_seconds=wait)
             if wait > HOLD_IN_PLACE:
                 raise VercelThrottled(
                     f"held back: installation over its Vercel rate limit for {wait:.1f} s more",
                     retry_after=self._limits.defer(installation, wait),
                 )
             await asyncio.sleep(wait)
-        await self._rate.acquire()
+        if (waited := await self._rate.acquire()) > 0:  # CONSUMER_MAX_RPS's turn
+            self._tracer.event("rate_limit.global_wait", wait_seconds=waited)
 
     async def _reroute(
         self,
@@ -201,6 +226,9 @@ class Handler:
             await self._hand_back(message, exc, fields)
             return
         self._metrics.outcome(outcome, fields.get("type"), reason)
+        if self._breaker.is_open:
+            self._tracer.event("circuit.open")
+        self._tracer.outcome(outcome, reason, error.detail)
         await self._settle(message, outcome, fields)
 
     async def _settle(
@@ -210,17 +238,28 @@ class Handler:
             with broker_errors("acking"):
                 await message.ack()
         except BrokerError as exc:
-            # The channel is gone: the broker will redeliver, at worst as a duplicate.
+            # The channel is gone: the broker will redeliver. Vercel has a delivered event
+            # already, so its redelivery to this worker is acked without a second call.
+            if outcome == "delivered":
+                self._accepted.remember(fields["event_id"], message.body)
             self._log.warning("ack failed; message will be redelivered", error=str(exc), **fields)
             return
         log = self._log.warning if outcome == "dead_lettered" else self._log.info
         log(outcome, **fields)
+
+    async def _skip_accepted(
+        self, message: AbstractIncomingMessage, fields: dict[str, Any]
+    ) -> None:
+        """A redelivery of an event Vercel accepted (its ack was lost): ack it, no second call."""
+        self._metrics.redeliveries_skipped.inc()
+        await self._settle(message, "redelivery_skipped", fields)
 
     async def _hand_back(
         self, message: AbstractIncomingMessage, exc: Exception, fields: dict[str, Any]
     ) -> None:
         """The copy was not confirmed: give the message back to the broker, unacked."""
         self._metrics.outcome("returned", fields.get("type"))
+        self._tracer.outcome("returned", detail=f"{type(exc).__name__}: {exc}")
         self._log.error(
             "could not republish; returning message to the queue",
             error=f"{type(exc).__name__}: {exc}",

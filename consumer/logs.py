@@ -8,6 +8,11 @@ Libraries log through the standard `logging` module (aiormq reports every droppe
 with a traceback, at warning and error). Their records of warning and above are passed to
 structlog too, so that they are JSON lines like ours (`logger` names the library, the
 traceback goes in `exception`), not bare text between them.
+
+Except the library's reports of a broker going away (`FOLDED`): the worker says that itself,
+once per outage ("broker unavailable", then "broker reconnected after N s"), so those records
+are lowered to debug, without their tracebacks. Any other library warning or error, a real one,
+stays as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from typing import IO, Any, TextIO, cast
 import orjson
 import structlog
 
+# aiormq's messages for a connection that could not be made or was lost: the worker's own
+# "broker unavailable" line reports the same fault (record.msg, before %-formatting).
+FOLDED = (
+    "error when creating transport",
+    "Cancelling cause reader exited abnormally",
+    "Unexpected connection close from remote",
+    "Server connection %r was stuck",
+)
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -61,9 +74,17 @@ class _ToStructlog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         fields: dict[str, Any] = {"logger": record.name}
+        if is_folded(record):
+            structlog.get_logger(record.name).debug(record.getMessage(), **fields)
+            return
         if record.exc_info:
             fields["exc_info"] = record.exc_info
         structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **fields)
+
+
+def is_folded(record: logging.LogRecord) -> bool:
+    """Whether `record` is the AMQP library's report of a lost or refused connection."""
+    return record.name.startswith(("aiormq", "aio_pika")) and str(record.msg).startswith(FOLDED)
 
 
 def _binary(stream: IO[Any]) -> Any:

@@ -78,6 +78,12 @@ class Metrics:
             "CONSUMER_CONCURRENCY: the most deliveries this worker handles at once.",
             registry=self.registry,
         )
+        self.redeliveries_skipped = Counter(
+            f"{PREFIX}_redeliveries_skipped",
+            "Redeliveries acked without calling Vercel: Vercel had accepted that very event "
+            "(same id and body) but its ack was lost with the channel.",
+            registry=self.registry,
+        )
         info = Gauge(f"{PREFIX}_build_info", "Always 1.", ["version"], registry=self.registry)
         info.labels(__version__).set(1)
         ProcessCollector(registry=self.registry)

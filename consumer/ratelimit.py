@@ -136,11 +136,14 @@ class RequestRate:
         self._sleep = sleep
         self._next_free = 0.0
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> float:
+        """Wait for the next free slot; return the seconds waited (0 when none)."""
         if not self._interval:
-            return
+            return 0.0
         now = self._clock()
         slot = max(self._next_free, now)
         self._next_free = slot + self._interval
-        if slot > now:
-            await self._sleep(slot - now)
+        if slot <= now:
+            return 0.0
+        await self._sleep(slot - now)
+        return slot - now

@@ -2,10 +2,11 @@
 
 Pure. Version 00 is the only version there is: `00-<trace-id>-<parent-id>-<trace-flags>`,
 55 characters, lowercase hex, neither id all zeros
-(https://www.w3.org/TR/trace-context/#traceparent-header). The relay creates no span of its own:
-it puts the trace id in its log lines and forwards the header unchanged on the call to Vercel, as
-the specification allows a participant that does not trace. A value that is anything else is
-refused and not forwarded; a malformed header would only break the trace further along.
+(https://www.w3.org/TR/trace-context/#traceparent-header). Without tracing (consumer/otel.py)
+the relay puts the trace id in its log lines and forwards the header unchanged on the call to
+Vercel, as the specification allows a participant that does not trace; with tracing on, the
+header is the parent of its spans and the Vercel call's own context is forwarded. A value that
+is anything else is refused and not forwarded; a malformed header would only break the trace.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The RabbitMQ nodes the tests use: the shared one, and private ones that tests break.
+"""The RabbitMQ nodes the tests use: the shared one, private ones that tests break, a cluster.
 
 `TEST_BROKER_VERSION` (3.10, the default, or 4.0) picks the broker every broker-facing test
 talks to. 3.10 is Debian 12's own install (scripts/rabbitmq, 127.0.0.1:5672); 4.0 is Debian 13's
@@ -10,12 +10,19 @@ the chosen version, another node name, AMQP port and data directory. Debian's /u
 switch to the rabbitmq user and keep the environment, so `RABBITMQ_*` variables pick the node;
 a 4.0 node is started through scripts/rabbitmq (which builds the chroot if needed) and driven
 with the chroot's rabbitmqctl. Starting one takes about 5-10 s.
+
+`BrokerCluster` is three such nodes made one RabbitMQ cluster: nodes 2 and 3 `join_cluster`
+node 1 (the rabbitmq user's one Erlang cookie lets them talk). `scripts/rabbitmq-cluster
+start|stop|status` drives it by hand (`python -m tests.brokers`). The cluster and nodes with a
+`config` (the TLS node) are 3.10 nodes.
 """
 
 from __future__ import annotations
 
+import argparse
 import enum
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -73,18 +80,24 @@ class PrivateBroker:
         self,
         port: int = 5673,
         name: str = "vercel-consumer-test",
+        config: str | None = None,
         version: BrokerVersion = BrokerVersion.V3_10,
     ) -> None:
+        if config is not None and version is not BrokerVersion.V3_10:
+            raise ValueError("a node with its own rabbitmq.conf runs on 3.10 only")
         self.port = port
         self.version = version
         self.node = f"{name}-{port}@localhost"
         # 3.10: under /tmp on this machine; 4.0: inside the chroot, where the node runs.
         self.base = Path(f"/tmp/{name}-{port}")
         self.url = f"amqp://guest:guest@127.0.0.1:{port}/"
+        self.config = config  # rabbitmq.conf lines (a TLS listener, say), written at launch
 
     def _env(self) -> dict[str, str]:
+        config = {"RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf")} if self.config else {}
         return {
             **os.environ,
+            **config,
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.port + 20000),
@@ -97,19 +110,21 @@ class PrivateBroker:
         """Start the node (a no-op when it already answers) and wait for the AMQP handshake."""
         if self.is_ready():
             return
-        if self.version is BrokerVersion.V4_0:
-            self._start_in_chroot()
-        else:
-            self._start_here()
-        deadline = time.monotonic() + timeout
-        while not self.is_ready():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.node} did not answer on port {self.port}")
-            time.sleep(0.2)
+        self.launch()
+        self.wait_ready(timeout)
 
-    def _start_here(self) -> None:
+    def launch(self) -> None:
+        """Start the node detached, without waiting for it (a clustered node waits for its
+        peers at boot, so a cluster's nodes are launched together). A 4.0 node is started
+        through scripts/rabbitmq, which builds the chroot if needed and waits for the node."""
+        if self.version is BrokerVersion.V4_0:
+            env = {**os.environ, "RABBITMQ_PORT": str(self.port), "RABBITMQ4_NODE": self.node}
+            subprocess.run([str(SCRIPT), "--version", "4"], env=env, check=True, timeout=900)
+            return
         self.base.mkdir(parents=True, exist_ok=True)
         shutil.chown(self.base, "rabbitmq", "rabbitmq")
+        if self.config:
+            (self.base / "rabbitmq.conf").write_text(self.config)
         subprocess.run(
             [str(_SBIN / "rabbitmq-server"), "-detached"],
             env=self._env(),
@@ -118,12 +133,12 @@ class PrivateBroker:
             cwd="/",
         )
 
-    def _start_in_chroot(self) -> None:
-        # The script builds the chroot if missing, mounts proc and /dev, makes the data folder.
-        env = {**os.environ, "RABBITMQ_PORT": str(self.port), "RABBITMQ4_NODE": self.node}
-        subprocess.run(
-            [str(SCRIPT), "--version", "4"], env=env, check=True, capture_output=True, timeout=900
-        )
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.is_ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.node} did not answer on port {self.port}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         """Shut the node down; its durable (quorum) queues keep their messages."""
@@ -175,3 +190,87 @@ class PrivateBroker:
                 return sock.recv(1)[:1] == b"\x01"
         except OSError:
             return False
+
+
+class BrokerCluster:
+    """Three nodes on 127.0.0.1:`port`, `port`+1, `port`+2, clustered with the first."""
+
+    def __init__(self, port: int = 5691, name: str = "vercel-consumer-cluster") -> None:
+        self.nodes = [PrivateBroker(port + i, name) for i in range(3)]
+
+    def url(self, index: int) -> str:
+        return self.nodes[index].url
+
+    def urls(self, first: int = 0) -> str:
+        """CONSUMER_AMQP_URL listing every node, starting with node `first`."""
+        order = self.nodes[first:] + self.nodes[:first]
+        return ",".join(node.url for node in order)
+
+    def start(self, timeout: float = 120) -> None:
+        """Up and clustered: reused when it already is, otherwise made anew from empty data."""
+        if all(node.is_ready() for node in self.nodes) and self.is_clustered():
+            return
+        self.stop()
+        for node in self.nodes:
+            shutil.rmtree(node.base, ignore_errors=True)
+            node.launch()
+        for node in self.nodes:
+            node.wait_ready(timeout)
+        first = self.nodes[0].node
+        for node in self.nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", first)
+            node.ctl("start_app")
+            node.wait_ready(timeout)
+        if not self.is_clustered():
+            raise RuntimeError(f"the nodes did not form one cluster: {self.running_nodes()}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def running_nodes(self) -> list[str]:
+        """The cluster's running nodes, as node 1 sees them."""
+        found = self.nodes[0].ctl("eval", "rabbit_nodes:all_running().", check=False)
+        return re.findall(r"'?([\w.-]+@[\w.-]+)'?", found.stdout)
+
+    def is_clustered(self) -> bool:
+        return sorted(self.running_nodes()) == sorted(node.node for node in self.nodes)
+
+    def node_of(self, address: str) -> PrivateBroker:
+        """The node that listens at `host:port` (as a worker's `consuming` line names it)."""
+        port = int(address.rsplit(":", 1)[1])
+        return next(node for node in self.nodes if node.port == port)
+
+    def queue_leader(self, queue: str) -> PrivateBroker:
+        """The node that leads quorum queue `queue` now."""
+        for node in self.nodes:
+            if not node.is_ready():
+                continue
+            listed = node.ctl("list_queues", "name", "leader", "--quiet", check=False).stdout
+            for line in listed.splitlines():
+                name, _, leader = line.partition("\t")
+                if name == queue:
+                    return next(n for n in self.nodes if n.node == leader.strip())
+        raise RuntimeError(f"no node knows the leader of {queue}")
+
+
+def main() -> None:
+    """`scripts/rabbitmq-cluster start|stop|status`: the test cluster, by hand."""
+    parser = argparse.ArgumentParser(prog="rabbitmq-cluster")
+    parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("CLUSTER_PORT", "5691")))
+    args = parser.parse_args()
+    cluster = BrokerCluster(args.port)
+    if args.action == "start":
+        cluster.start()
+        print(f"cluster: {', '.join(n.node for n in cluster.nodes)}")
+        print(f"CONSUMER_AMQP_URL={cluster.urls()}")
+    elif args.action == "stop":
+        cluster.stop()
+    else:
+        print("running:", ", ".join(cluster.running_nodes()) or "none")
+
+
+if __name__ == "__main__":
+    main()

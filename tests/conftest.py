@@ -36,6 +36,7 @@ from consumer.contract import example_event
 from consumer.health import HealthServer
 from consumer.logs import configure_logging, get_logger
 from consumer.metrics import Metrics
+from consumer.otel import NO_TRACER, Tracer
 from consumer.publish.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
 from consumer.testing.vercel_sim import VercelSimulator
@@ -209,7 +210,9 @@ async def start_relay(
     relays: list[Relay] = []
     clients: list[VercelClient] = []
 
-    async def start(wait_consuming: bool = True, **overrides: Any) -> Relay:
+    async def start(
+        wait_consuming: bool = True, tracer: Tracer = NO_TRACER, **overrides: Any
+    ) -> Relay:
         values: dict[str, Any] = {
             "amqp_url": AMQP_URL,
             "vercel_api_url": sim.url,
@@ -228,7 +231,7 @@ async def start_relay(
         vercel = VercelClient(settings.vercel_api_url, timeout=settings.http_timeout)
         clients.append(vercel)
         metrics = Metrics()
-        worker = build_worker(settings, vercel, get_logger("test"), metrics)
+        worker = build_worker(settings, vercel, get_logger("test"), metrics, tracer)
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         relay = Relay(settings, worker, worker.topology, logs, task, stop, metrics)

@@ -24,6 +24,7 @@ import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 
 from consumer.cli import _parser
@@ -44,7 +45,10 @@ ALL_ON: dict[str, Any] = {
     },
     "imagePullSecrets": [{"name": "regcred"}],
     "replicaCount": 3,
-    "amqp": {"url": "amqps://relay:s3cret@rabbitmq.example:5671/prod"},
+    "amqp": {
+        "url": "amqps://relay:s3cret@rabbitmq.example:5671/prod",
+        "tls": {"existingSecret": "relay-tls", "certKey": "tls.crt", "keyKey": "tls.key"},
+    },
     "tokens": {
         "installations": {"icfg_alpha": "tok_alpha", "icfg_beta": "tok_beta"},
         "fallback": {"token": "tok_fallback"},
@@ -92,7 +96,42 @@ ALL_ON: dict[str, Any] = {
             "metricRelabelings": [
                 {"sourceLabels": ["__name__"], "regex": "go_.*", "action": "drop"}
             ],
-        }
+        },
+        "prometheusRule": {
+            "enabled": True,
+            "labels": {"release": "prometheus"},
+            "alertLabels": {"team": "integrations"},
+            "runbookBaseUrl": "https://docs.example/vercel-event-consumer/operations.md",
+        },
+        "grafanaDashboard": {
+            "enabled": True,
+            "annotations": {"grafana_folder": "Integrations"},
+            "namespace": "monitoring",
+        },
+    },
+    "networkPolicy": {
+        "ingress": {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
+            ]
+        },
+        "egress": {
+            "broker": {
+                "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+                "ports": [5671],
+            },
+            "vercel": {"cidrs": ["76.76.21.0/24"]},
+            "extra": [
+                {
+                    "to": [{"namespaceSelector": {"matchLabels": {"name": "observability"}}}],
+                    "ports": [{"port": 4318, "protocol": "TCP"}],
+                }
+            ],
+        },
     },
     "autoscaling": {
         "keda": {
@@ -270,6 +309,14 @@ def test_strict_validation_catches_a_misplaced_field(chart: helm.Chart) -> None:
     scaled["spec"]["triggers"][0]["metadata"]["value"] = 200  # KEDA wants strings
     with pytest.raises(jsonschema.ValidationError):
         validate_object(scaled)
+    rule = copy.deepcopy(rendered.one("PrometheusRule"))
+    rule["spec"]["groups"][0]["rules"][0]["severity"] = "warning"  # belongs under labels
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(rule)
+    policy = copy.deepcopy(rendered.one("NetworkPolicy"))
+    policy["spec"]["egress"][0]["port"] = 53  # belongs under ports
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_object(policy)
 
 
 def test_defaults_render_the_worker_and_what_it_needs(chart: helm.Chart) -> None:
@@ -277,6 +324,7 @@ def test_defaults_render_the_worker_and_what_it_needs(chart: helm.Chart) -> None
     assert render(chart).kinds_and_names() == {
         ("ConfigMap", FULLNAME),
         ("Deployment", FULLNAME),
+        ("NetworkPolicy", FULLNAME),
         ("PodDisruptionBudget", FULLNAME),
         ("Secret", FULLNAME),
         ("Secret", f"{FULLNAME}-tokens"),
@@ -286,15 +334,19 @@ def test_defaults_render_the_worker_and_what_it_needs(chart: helm.Chart) -> None
 
 
 def test_all_on_adds_autoscaling_monitoring_and_the_replay_job(chart: helm.Chart) -> None:
-    """Every optional feature on: KEDA's objects, a ServiceMonitor and the DLQ replay Job too."""
+    """Every optional feature on: KEDA's objects, a ServiceMonitor, the alerts, the dashboard
+    and the DLQ replay Job too."""
     names = render(chart, ALL_ON).kinds_and_names()
     job_names = [name for kind, name in names if kind == "Job"]
     assert len(job_names) == 1
     assert job_names[0].startswith(f"{FULLNAME}-dlq-replay-")
     assert names - {("Job", job_names[0])} == {
         ("ConfigMap", FULLNAME),
+        ("ConfigMap", f"{FULLNAME}-dashboard"),
         ("Deployment", FULLNAME),
+        ("NetworkPolicy", FULLNAME),
         ("PodDisruptionBudget", FULLNAME),
+        ("PrometheusRule", FULLNAME),
         ("ScaledObject", FULLNAME),
         ("Secret", FULLNAME),
         ("Secret", f"{FULLNAME}-keda"),
@@ -393,6 +445,34 @@ def test_broker_url_and_tokens_come_from_the_charts_secrets(chart: helm.Chart) -
     assert not any("tok_" in json.dumps(obj) for obj in rendered.objects if obj["kind"] != "Secret")
 
 
+def test_broker_tls_files_are_mounted_from_a_secret_for_worker_and_job(
+    chart: helm.Chart,
+) -> None:
+    """amqp.tls.existingSecret mounts the CA, client certificate and key (only those keys) in
+    the worker and the DLQ replay Job, and points CONSUMER_AMQP_CAFILE/CERTFILE/KEYFILE at
+    them; without it there is no such volume or variable."""
+    rendered = render(chart, ALL_ON)
+    mount_path = "/etc/vercel-consumer/amqp-tls"
+    env = rendered.env()
+    assert env["CONSUMER_AMQP_CAFILE"] == f"{mount_path}/ca.crt"
+    assert env["CONSUMER_AMQP_CERTFILE"] == f"{mount_path}/tls.crt"
+    assert env["CONSUMER_AMQP_KEYFILE"] == f"{mount_path}/tls.key"
+    job = rendered.one("Job")["spec"]["template"]["spec"]
+    for pod, container in ((rendered.pod, rendered.worker), (job, job["containers"][0])):
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == "amqp-tls"]
+        assert (mount["mountPath"], mount["readOnly"]) == (mount_path, True)
+        [volume] = [v for v in pod["volumes"] if v["name"] == "amqp-tls"]
+        assert volume["secret"]["secretName"] == "relay-tls"
+        assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+        variables = {e["name"]: e.get("value") for e in container["env"]}
+        assert variables["CONSUMER_AMQP_CAFILE"] == f"{mount_path}/ca.crt"
+    plain = render(chart, merged(ALL_ON, {"amqp": {"tls": {"existingSecret": ""}}}))
+    assert "amqp-tls" not in json.dumps(plain.objects)
+    assert "CONSUMER_AMQP_CAFILE" not in plain.env()
+    ca_only = render(chart, {"amqp": {"tls": {"existingSecret": "ca"}}}).env()
+    assert "CONSUMER_AMQP_CERTFILE" not in ca_only
+
+
 def test_existing_secrets_are_referenced_not_created(chart: helm.Chart) -> None:
     """With existingSecret values the pods read those Secrets and the chart makes none of them."""
     rendered = render(chart, EXISTING_SECRETS)
@@ -484,7 +564,14 @@ CONFIG_VARIABLES = {
     "logLevel": ("CONSUMER_LOG_LEVEL", "debug", "debug"),
 }
 # Set by the chart from other values rather than from `config`.
-CHART_MANAGED = {"CONSUMER_AMQP_URL", "CONSUMER_VERCEL_TOKEN", "CONSUMER_VERCEL_TOKENS_DIR"}
+CHART_MANAGED = {
+    "CONSUMER_AMQP_URL",
+    "CONSUMER_AMQP_CAFILE",
+    "CONSUMER_AMQP_CERTFILE",
+    "CONSUMER_AMQP_KEYFILE",
+    "CONSUMER_VERCEL_TOKEN",
+    "CONSUMER_VERCEL_TOKENS_DIR",
+}
 
 
 def documented_settings() -> set[str]:
@@ -529,6 +616,13 @@ def test_rendered_settings_are_accepted_by_the_worker(
             value = rendered.secret_value(ref["name"], ref["key"])
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CONSUMER_VERCEL_TOKENS_DIR", str(tmp_path))  # the mount, here
+    ca = trustme.CA()  # the TLS Secret's files, here
+    client = ca.issue_cert("relay@example.test")
+    pems = {"CAFILE": ca.cert_pem, "CERTFILE": client.cert_chain_pems[0]}
+    pems["KEYFILE"] = client.private_key_pem
+    for name, pem in pems.items():
+        pem.write_to_path(str(tmp_path / name))
+        monkeypatch.setenv(f"CONSUMER_AMQP_{name}", str(tmp_path / name))
     settings = load_settings()
     assert settings.amqp_url.get_secret_value() == ALL_ON["amqp"]["url"]
     assert settings.retry_delays == (1, 5, 30, 120, 600, 1800)
@@ -604,6 +698,8 @@ BAD_VALUES = {
     "health port 0": {"config": {"healthPort": 0}},
     "unknown log level": {"config": {"logLevel": "verbose"}},
     "non-amqp broker URL": {"amqp": {"url": "http://rabbitmq:15672"}},
+    "relative TLS mount": {"amqp": {"tls": {"mountPath": "amqp-tls"}}},
+    "TLS key with a slash": {"amqp": {"tls": {"caKey": "certs/ca.crt"}}},
     "token with whitespace": {"tokens": {"installations": {"icfg_a": "tok a"}}},
     "installation id unfit for a file name": {"tokens": {"installations": {"icfg/a": "tok"}}},
     "relative tokens mount": {"tokens": {"mountPath": "tokens"}},
@@ -618,6 +714,19 @@ BAD_VALUES = {
     },
     "bad image digest": {"image": {"digest": "latest"}},
     "bad scrape interval": {"metrics": {"serviceMonitor": {"interval": "30 seconds"}}},
+    "bad alert duration": {"metrics": {"prometheusRule": {"thresholds": {"backlogFor": "10"}}}},
+    "retry ratio above 1": {"metrics": {"prometheusRule": {"thresholds": {"retryRatio": 2}}}},
+    "runbook URL with an anchor": {
+        "metrics": {"prometheusRule": {"runbookBaseUrl": "https://x.example/ops.md#alerts"}}
+    },
+    "selector that is not label matchers": {
+        "metrics": {"prometheusRule": {"selector": "job=relay} or vector(1"}}
+    },
+    "no Vercel address": {"networkPolicy": {"egress": {"vercel": {"cidrs": []}}}},
+    "Vercel address that is no CIDR": {
+        "networkPolicy": {"egress": {"vercel": {"cidrs": ["vercel"]}}}
+    },
+    "broker port 0": {"networkPolicy": {"egress": {"broker": {"ports": [0]}}}},
 }
 
 
@@ -756,6 +865,80 @@ def test_dlq_replay_job_is_renamed_only_when_its_settings_change(chart: helm.Cha
     assert job_name({"dlqReplay": {"filters": {"reason": "retries_exhausted"}}}) != first
     assert job_name({"dlqReplay": {"runId": "2"}}) != first
     assert len(job_name({"fullnameOverride": "x" * 63})) <= 63
+
+
+def test_network_policy_admits_only_the_health_port_and_the_needed_egress(
+    chart: helm.Chart,
+) -> None:
+    """Ingress only to the named health port, from the configured peers; egress only to DNS
+    (UDP and TCP), the broker's ports, HTTPS to Vercel's addresses, and the extra rules."""
+    rendered = render(chart, ALL_ON)
+    policy = rendered.one("NetworkPolicy")["spec"]
+    pod_labels = rendered.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    job_labels = rendered.one("Job")["spec"]["template"]["metadata"]["labels"]
+    assert not policy["podSelector"]["matchLabels"].items() <= job_labels.items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"port": "health", "protocol": "TCP"}]
+    assert {p["name"] for p in rendered.worker["ports"]} == {"health"}
+    assert ingress["from"] == ALL_ON["networkPolicy"]["ingress"]["from"]
+    dns, broker, vercel, extra = policy["egress"]
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    assert broker == {
+        "ports": [{"port": 5671, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+    }
+    assert vercel == {
+        "ports": [{"port": 443, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "76.76.21.0/24"}}],
+    }
+    assert extra == ALL_ON["networkPolicy"]["egress"]["extra"][0]
+
+
+def test_network_policy_defaults_and_switch(chart: helm.Chart) -> None:
+    """By default: the health port from anywhere, the broker on 5672/5671 at any address,
+    HTTPS at any address; `networkPolicy.enabled=false` removes the policy."""
+    policy = render(chart).one("NetworkPolicy")["spec"]
+    assert "from" not in policy["ingress"][0]
+    _, broker, vercel = policy["egress"]
+    assert broker == {
+        "ports": [{"port": 5672, "protocol": "TCP"}, {"port": 5671, "protocol": "TCP"}]
+    }
+    assert [peer["ipBlock"]["cidr"] for peer in vercel["to"]] == ["0.0.0.0/0", "::/0"]
+    assert render(chart, {"networkPolicy": {"enabled": False}}).all("NetworkPolicy") == []
+
+
+def test_prometheus_rule_needs_a_runbook_url(chart: helm.Chart) -> None:
+    """Alerts switched on without saying where the runbook lives fail the render and say so."""
+    with pytest.raises(helm.HelmRenderError, match="runbookBaseUrl"):
+        render(chart, {"metrics": {"prometheusRule": {"enabled": True}}})
+
+
+def test_prometheus_rule_carries_labels_and_an_own_selector(chart: helm.Chart) -> None:
+    """Every alert gets `alertLabels` beside its severity; a custom selector replaces the
+    release's job/namespace matchers in every expression."""
+    values = merged(ALL_ON, {"metrics": {"prometheusRule": {"selector": 'app="relay"'}}})
+    rule = render(chart, values).one("PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    (group,) = rule["spec"]["groups"]
+    for alert in group["rules"]:
+        assert alert["labels"]["team"] == "integrations"
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+        assert 'app="relay"' in alert["expr"]
+        assert "namespace=" not in alert["expr"]
+
+
+def test_dashboard_configmap_goes_where_the_sidecar_looks(chart: helm.Chart) -> None:
+    """The dashboard ConfigMap has the sidecar's label, the folder annotation, the namespace
+    asked for, and holds valid dashboard JSON."""
+    configmap = render(chart, ALL_ON).one("ConfigMap", f"{FULLNAME}-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Integrations"}
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    dashboard = json.loads(configmap["data"]["vercel-event-consumer.json"])
+    assert dashboard["uid"] == "vercel-event-consumer"
 
 
 # ── what people read ─────────────────────────────────────────────────────────────────────────

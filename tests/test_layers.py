@@ -22,6 +22,9 @@ LAYERS = {
     "breaker": 2,
     "ratelimit": 2,
     "dlq.export": 2,
+    "amqpurl": 0,
+    "backoff": 0,
+    "accepted": 0,
     "tokens": 3,
     "vercel": 3,
     "topology": 3,
@@ -29,6 +32,8 @@ LAYERS = {
     "publish.publisher": 3,
     "testing.vercel_sim": 3,
     "metrics": 3,
+    "otel": 3,
+    "otel_sdk": 3,
     "depths": 3,
     "health": 3,
     "dlq.view": 3,
@@ -40,7 +45,18 @@ LAYERS = {
     "dlq.cli": 6,
     "__main__": 7,
 }
-PURE = ("contract", "translate", "retry", "tracing", "breaker", "ratelimit", "dlq.export")
+PURE = (
+    "amqpurl",
+    "backoff",
+    "accepted",
+    "contract",
+    "translate",
+    "retry",
+    "tracing",
+    "breaker",
+    "ratelimit",
+    "dlq.export",
+)
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
 

@@ -91,9 +91,9 @@ async def test_request_rate_spaces_requests_evenly() -> None:
         slept.append(seconds)
 
     rate = RequestRate(4, clock=clock, sleep=sleep)
-    for _ in range(5):
-        await rate.acquire()
+    waited = [await rate.acquire() for _ in range(5)]
     assert slept == [0.25, 0.5, 0.75, 1.0]
+    assert waited == [0.0, *slept]  # what each waited, for the trace's rate-limit event
 
 
 async def test_zero_means_no_global_limit() -> None:

@@ -151,6 +151,22 @@ def private_broker(private_node: PrivateBroker) -> PrivateBroker:
     return private_node
 
 
+def private_settings(
+    url: str, sim: VercelSimulator, tokens_dir: Path, prefix: str, **overrides: Any
+) -> Settings:
+    """Settings for a worker of this test on broker `url` (a private node, say), with a
+    topology of its own named `<prefix>-<random>`."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    return load_settings(
+        amqp_url=url,
+        vercel_api_url=sim.url,
+        vercel_tokens_dir=tokens_dir,
+        exchange=name,
+        queue=name,
+        **overrides,
+    )
+
+
 @pytest.fixture
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on (the health endpoint's, say)."""

@@ -12,7 +12,6 @@ import asyncio
 import io
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 from consumer.app import build_worker
@@ -20,11 +19,10 @@ from consumer.health import HealthServer
 from consumer.logs import configure_logging, get_logger
 from consumer.metrics import Metrics
 from consumer.publish.publisher import EventPublisher
-from consumer.settings import load_settings
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.vercel import VercelClient
 from tests.brokers import PrivateBroker
-from tests.conftest import event, get_json, sample, scrape, wait_until
+from tests.conftest import event, get_json, private_settings, sample, scrape, wait_until
 from tests.test_resilience import _delete
 
 EVENTS = 50
@@ -47,13 +45,11 @@ async def test_a_blocked_connection_is_reported_and_nothing_is_lost(
     """Vercel answers 503, so the worker republishes retries; the disk alarm blocks its
     connection: /readyz says broker_blocked, the gauge is 1, one warning is logged. When the
     alarm clears and Vercel recovers, one line says so and all 50 events are delivered."""
-    suffix = uuid.uuid4().hex[:8]
-    settings = load_settings(
-        amqp_url=private_broker.url,
-        vercel_api_url=sim.url,
-        vercel_tokens_dir=tokens_dir,
-        exchange=f"alarm-{suffix}",
-        queue=f"alarm-{suffix}",
+    settings = private_settings(
+        private_broker.url,
+        sim,
+        tokens_dir,
+        "alarm",
         retry_delays=(0.2, 0.4),
         max_attempts=1000,
         breaker_failure_ratio=1.0,

@@ -321,7 +321,7 @@ def unprotected_warning(queue: str, topology: Topology, broker_version: str) -> 
             "RabbitMQ 4.0-4.2 drop a dead letter after 20 deliveries (each dlq command's look"
             " counts), as the DLQ has no dead-letter target"
         )
-        policy = '{"delivery-limit":-1}'
+        policy = f'{{"delivery-limit":{DLQ_DELIVERY_LIMIT}}}'  # not -1: 3.10 drops at once
     else:
         risk = (
             "RabbitMQ 4.0-4.2 dead-letter a message into the DLQ after 20 deliveries, maybe"

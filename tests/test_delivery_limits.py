@@ -16,6 +16,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from consumer.topology import (
+    DLQ_DELIVERY_LIMIT,
     QUORUM,
     WORK_QUEUE_DELIVERY_LIMIT,
     Topology,
@@ -130,7 +131,7 @@ async def test_the_worker_warns_about_a_dlq_without_a_limit(
     warnings = [line for line in relay.log_text().splitlines() if "without delivery limit" in line]
     assert len(warnings) == 2
     assert f"queue {topology.dead_letter_queue} was declared by an earlier release" in warnings[0]
-    assert 'delivery-limit\\":-1' in warnings[0]
+    assert f'delivery-limit\\":{DLQ_DELIVERY_LIMIT}' in warnings[0]
 
 
 @ONLY_ON_4
@@ -138,14 +139,15 @@ async def test_on_4_an_earlier_dlq_drops_after_20_returns_unless_a_policy_protec
     amqp: AbstractConnection, topology: Topology
 ) -> None:
     """What the documented policy is for: on 4.0 an earlier release's DLQ drops a dead letter
-    after 21 deliveries; with the policy of `unprotected_warning` it keeps it through 50."""
+    after 21 deliveries; with the policy the worker's warning names it keeps it through 50."""
     channel = await amqp.channel()
     await declare_as_an_earlier_release(channel, topology)
     await publish_and_wait(channel, topology.dead_letter_queue, b"dropped")
     assert await returns_until_gone(channel, topology.dead_letter_queue, 50) == 21
     name = f"{topology.dead_letter_queue}-limit"
     pattern = f"^{topology.dead_letter_queue.replace('.', '[.]')}$"
-    shared_ctl("set_policy", "--apply-to", "queues", name, pattern, '{"delivery-limit":-1}')
+    policy = f'{{"delivery-limit":{DLQ_DELIVERY_LIMIT}}}'
+    shared_ctl("set_policy", "--apply-to", "queues", name, pattern, policy)
     try:
         await publish_and_wait(channel, topology.dead_letter_queue, b"kept")
         assert await returns_until_gone(channel, topology.dead_letter_queue, 50) == 50

@@ -59,7 +59,12 @@ def build_worker(
             vercel=vercel,
             tokens=tokens,
             policy=policy,
-            republisher=Republisher(channel, topology),
+            republisher=Republisher(
+                channel,
+                topology,
+                confirm_timeout=settings.confirm_timeout,
+                big_body_bytes=settings.max_body_bytes,
+            ),
             breaker=breaker,
             limits=limits,
             rate=rate,
@@ -132,12 +137,12 @@ async def serve(settings: Settings) -> None:
     tracer, tracing = tracer_from_environ(os.environ, api_url=settings.vercel_api_url)
     worker = build_worker(settings, vercel, log, metrics, tracer)
     stop = asyncio.Event()
-    _install_signal_handlers(stop, log)
+    install_signal_handlers(stop, log)
     log.info(
         "starting",
         version=__version__,
         amqp_url=settings.amqp_url_redacted,
-        vercel_api_url=settings.vercel_api_url,
+        vercel_api_url=settings.vercel_api_url_redacted,
         queue=settings.queue,
         concurrency=settings.concurrency,
         tracing=tracing,
@@ -172,7 +177,7 @@ async def start_health(
     return health
 
 
-def _install_signal_handlers(stop: asyncio.Event, log: Any) -> None:
+def install_signal_handlers(stop: asyncio.Event, log: Any) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:

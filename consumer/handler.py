@@ -9,6 +9,9 @@ header is forwarded to Vercel and its trace id logged; with OTEL_* set, each del
 Vercel call is also a span (consumer/otel.py), and the call's own context is forwarded.
 Everything it needs is built once and passed in; nothing is constructed per message.
 
+The body is our contract's, or a CloudEvent in either content mode (consumer/cloudevents.py),
+whose attributes join the log line as `ce_*` fields.
+
 Before sending, a message waits for its installation's rate limit and the global one: a short
 wait is held in place, a longer one is deferred to a retry tier (without spending an attempt)
 so that it does not hold a consumer slot the other installations need. Every Vercel call is
@@ -32,8 +35,15 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from consumer.accepted import AcceptedMemory
 from consumer.breaker import CircuitBreaker
-from consumer.contract import Event, parse_event
-from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
+from consumer.cloudevents import parse_message
+from consumer.contract import Event
+from consumer.deadletter import (
+    Republisher,
+    attempts_made,
+    redeliveries,
+    retry_age,
+    trusted_headers,
+)
 from consumer.errors import (
     BrokerError,
     DeliveryError,
@@ -93,24 +103,29 @@ class Handler:
         self._tracer = tracer
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
-        attempts = attempts_made(message.headers) + 1
-        with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* turns tracing on
-            await self._handle(message, attempts)
+        fields: dict[str, Any] = {"event_id": message.message_id}
+        try:
+            attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
+            with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* sets tracing
+                await self._handle(message, attempts, fields)
+        except Exception as exc:  # noqa: BLE001 - last resort: the slot and the message go back
+            self._log.exception("unexpected error outside delivery handling", **fields)
+            await self._hand_back(message, exc, fields)
 
-    async def _handle(self, message: AbstractIncomingMessage, attempts: int) -> None:
-        fields: dict[str, Any] = {
-            "event_id": message.message_id,
-            "routing_key": message.routing_key,
-            "attempt": attempts,
-        }
+    async def _handle(
+        self, message: AbstractIncomingMessage, attempts: int, fields: dict[str, Any]
+    ) -> None:
+        fields.update(routing_key=message.routing_key, attempt=attempts)
         trace_headers = self._trace_headers(message, fields)
         if "trace_id" not in fields and (trace_id := self._tracer.trace_id()):
             fields["trace_id"] = trace_id  # the trace this delivery's spans started
         started = time.perf_counter()
         try:
             self._check_redeliveries(message)
-            event = parse_event(message.body, max_bytes=self._max_body_bytes)
-            fields.update(_event_fields(event))
+            event, cloudevent = parse_message(
+                message.headers, message.content_type, message.body, max_bytes=self._max_body_bytes
+            )
+            fields.update(_event_fields(event), **cloudevent)
             if message.redelivered and self._accepted.holds(event.id, message.body):
                 await self._skip_accepted(message, fields)
                 return
@@ -171,8 +186,11 @@ class Handler:
             # A 4xx comes from a Vercel that is up; only transient failures point to an outage.
             self._breaker.record(installation, failed=isinstance(error, VercelUnavailable))
             raise
-        self._breaker.record(installation, failed=False)
-        self._limits.observe(installation, delivered.quota)
+        try:
+            self._breaker.record(installation, failed=False)
+            self._limits.observe(installation, delivered.quota)
+        except Exception:  # noqa: BLE001 - delivered is delivered: a retry would duplicate it
+            self._log.exception("could not record a delivery", installation_id=installation)
         return delivered
 
     async def _call_vercel(
@@ -209,9 +227,11 @@ class Handler:
         attempts: int,
         fields: dict[str, Any],
     ) -> None:
-        age = retry_age(message.headers, datetime.now(UTC))
-        decision = self._policy.decide(error, attempts, age=age, counted=not self._breaker.is_open)
         try:
+            now = datetime.now(UTC)
+            age = retry_age(trusted_headers(message, now), now)
+            counted = not self._breaker.is_open
+            decision = self._policy.decide(error, attempts, age=age, counted=counted)
             if isinstance(decision, DeadLetter):
                 await self._republisher.dead_letter(message, decision)
                 fields.update(reason=decision.reason.value, detail=decision.detail)
@@ -222,7 +242,7 @@ class Handler:
                 # Deferred: waits without spending an attempt (rate limit, open circuit).
                 outcome = "retried" if decision.attempts == attempts else "deferred"
                 reason = retry_cause(error)
-        except Exception as exc:  # noqa: BLE001 - BrokerError, or a header that will not encode
+        except Exception as exc:  # noqa: BLE001 - BrokerError, a header that will not encode, a bug
             await self._hand_back(message, exc, fields)
             return
         self._metrics.outcome(outcome, fields.get("type"), reason)
@@ -269,8 +289,8 @@ class Handler:
         try:
             with broker_errors("rejecting"):
                 await message.reject(requeue=True)
-        except BrokerError:
-            pass  # channel closed: the broker requeues everything unacked on it anyway
+        except Exception:  # noqa: BLE001, S110 - channel closed (the broker requeues everything
+            pass  # unacked on it anyway), or the message was settled already
 
 
 def _event_fields(event: Event) -> dict[str, Any]:

@@ -7,7 +7,8 @@ are written to stdout as single JSON objects rendered by orjson.
 Libraries log through the standard `logging` module (aiormq reports every dropped connection,
 with a traceback, at warning and error). Their records of warning and above are passed to
 structlog too, so that they are JSON lines like ours (`logger` names the library, the
-traceback goes in `exception`), not bare text between them.
+traceback goes in `exception`), not bare text between them; a RecursionError's thousand frames
+are left out.
 
 Except the library's reports of a broker going away (`FOLDED`): the worker says that itself,
 once per outage ("broker unavailable", then "broker reconnected after N s"), so those records
@@ -77,7 +78,11 @@ class _ToStructlog(logging.Handler):
         if is_folded(record):
             structlog.get_logger(record.name).debug(record.getMessage(), **fields)
             return
-        if record.exc_info:
+        if record.exc_info and isinstance(record.exc_info[1], RecursionError):
+            # A thousand frames of one decoder (headers nested too deep, 218 KB a line, twice
+            # a second while the worker reconnects): one line says it as well.
+            fields["error"] = f"RecursionError: {record.exc_info[1]} (traceback left out)"
+        elif record.exc_info:
             fields["exc_info"] = record.exc_info
         structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **fields)
 

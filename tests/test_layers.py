@@ -12,11 +12,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "consumer"
 # Lower number = lower layer. A module may import its own layer or lower ones, never higher.
 LAYERS = {
     "errors": 0,
+    "headers": 0,
     "settings": 1,
     "logs": 1,
     "dlq.progress": 1,
     "contract": 2,
+    "outbox.schema": 2,
     "translate": 2,
+    "cloudevents": 2,
+    "asyncapi": 4,
     "retry": 2,
     "tracing": 2,
     "breaker": 2,
@@ -34,28 +38,40 @@ LAYERS = {
     "metrics": 3,
     "otel": 3,
     "otel_sdk": 3,
+    "outbox.write": 3,
+    "outbox.store": 3,
+    "outbox.metrics": 3,
     "depths": 3,
     "health": 3,
-    "dlq.view": 3,
+    "dlq.model": 3,
+    "dlq.session": 3,
     "handler": 4,
     "worker": 4,
-    "dlq.ops": 4,
+    "outbox.relay": 4,
+    "dlq.replay": 4,
+    "dlq.purge": 4,
+    "dlq.restore": 4,
+    "dlq.render": 5,
     "app": 5,
     "cli": 6,
     "dlq.cli": 6,
+    "outbox.cli": 6,
     "__main__": 7,
 }
 PURE = (
+    "headers",
     "amqpurl",
     "backoff",
     "accepted",
     "contract",
+    "cloudevents",
     "translate",
     "retry",
     "tracing",
     "breaker",
     "ratelimit",
     "dlq.export",
+    "outbox.schema",
 )
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
@@ -105,4 +121,16 @@ def test_only_the_cli_reads_settings() -> None:
     """Settings are read once, by the entry points (cli, app and the dlq commands, dlq.cli);
     other modules receive plain values."""
     readers = {module for module in LAYERS if "consumer.settings" in imports_of(module)}
-    assert readers == {"app", "cli", "dlq.cli"}
+    assert readers == {"app", "cli", "dlq.cli", "outbox.cli"}
+
+
+def test_only_the_cli_reaches_the_outbox() -> None:
+    """The worker and the rest of the package never import the outbox (and so never need its
+    PostgreSQL driver); the command line reaches it through its own entry point only."""
+    importers = {
+        module
+        for module in LAYERS
+        if not module.startswith("outbox.")
+        and any(name.startswith("consumer.outbox") for name in imports_of(module))
+    }
+    assert importers == {"cli"}

@@ -39,7 +39,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -189,34 +189,17 @@ def describe_tls_error(exc: ssl.SSLError) -> str:
     return f"TLS handshake failed ({exc.reason or exc})"
 
 
-BlockedCallback = Callable[[str | None], None]
+def is_blocked(connection: AbstractConnection) -> bool | None:
+    """Whether the broker blocks `connection` right now (a memory or disk alarm:
+    `connection.blocked`, which stops every publish on it); None when the client cannot tell.
 
-
-def watch_blocked(connection: AbstractConnection, on_change: BlockedCallback) -> bool:
-    """Call `on_change(reason)` when the broker blocks `connection` (a memory or disk alarm:
-    `connection.blocked`, which stops every publish on it) and `on_change(None)` when it
-    unblocks it. False when the AMQP client cannot tell (then nothing is called).
-
-    aiormq 7 handles both frames in private methods, with no callback: they are wrapped on
-    this connection's own instance, which is where its frame reader looks them up.
+    aiormq 7 keeps this in a private event that its frame reader clears on `connection.blocked`
+    and sets on `connection.unblocked`, with no callback and without the broker's reason: it is
+    only read (polled by the worker), so nothing of the client's own handling changes.
     """
     underlay = connection.transport.connection if connection.transport else None
-    names = ("_Connection__handle_connection_blocked", "_Connection__handle_connection_unblocked")
-    blocked, unblocked = (getattr(underlay, name, None) for name in names)
-    if not (callable(blocked) and callable(unblocked)):
-        return False
-
-    async def on_blocked(frame: Any) -> None:
-        await blocked(frame)
-        on_change(_text(getattr(frame, "reason", "")) or "unknown")
-
-    async def on_unblocked(frame: Any) -> None:
-        await unblocked(frame)
-        on_change(None)
-
-    setattr(underlay, names[0], on_blocked)
-    setattr(underlay, names[1], on_unblocked)
-    return True
+    unblocked = getattr(underlay, "_Connection__connection_unblocked", None)
+    return not unblocked.is_set() if isinstance(unblocked, asyncio.Event) else None
 
 
 def with_heartbeat(url: str, seconds: int = HEARTBEAT) -> str:

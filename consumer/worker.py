@@ -21,7 +21,8 @@ whenever the breaker allows one; once a probe succeeds the breaker closes and it
 
 `readiness()` says whether the worker is consuming, and why not: starting, disconnected (with
 the broker's error), circuit_open, shutting_down, or broker_blocked (the broker blocked the
-connection over a memory or disk alarm: nothing can be published or acked until it lifts;
+connection over a memory or disk alarm, noticed within BLOCKED_POLL seconds: nothing can be
+published or acked until it lifts;
 retry and dead-letter publishes wait, bounded by their confirm timeout, and whatever was not
 acked is redelivered). `in_flight`, `consuming` and `reconnects`
 are read by the metrics at scrape time. A `session_task` (the queue-depth poller) runs
@@ -50,15 +51,16 @@ from consumer.topology import (
     Topology,
     broker_errors,
     declare,
+    is_blocked,
     open_channel,
     unprotected_warning,
-    watch_blocked,
 )
 
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 Connect = Callable[[], Awaitable[AbstractConnection]]
 SessionTask = Callable[[AbstractConnection], Coroutine[Any, Any, None]]
 LOST_GRACE = 2.0  # seconds deliveries in flight may finish after their channel was lost
+BLOCKED_POLL = 0.5  # seconds between looks at whether the broker blocks the connection
 EMPTY_QUEUE_POLL = 1.0  # seconds between probe fetches while the work queue is empty
 
 
@@ -163,7 +165,7 @@ class Worker:
     async def _session(self, stop: asyncio.Event) -> None:
         self._consumed = False
         connection = await self._connect()
-        watch_blocked(connection, self._on_blocked)
+        alarms = asyncio.create_task(self._watch_blocked(connection))
         watcher: asyncio.Task[None] | None = None
         try:
             channel = await open_channel(connection, prefetch=self._concurrency)
@@ -181,6 +183,8 @@ class Worker:
         finally:
             if self._status != "shutting_down":
                 self._status = "disconnected"
+            alarms.cancel()
+            await asyncio.wait({alarms})
             self._blocked = None  # a new connection starts unblocked
             if watcher is not None:
                 watcher.cancel()
@@ -192,6 +196,12 @@ class Worker:
             await self._abandon_in_flight()
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    async def _watch_blocked(self, connection: AbstractConnection) -> None:
+        """Follow whether the broker blocks the connection, every BLOCKED_POLL seconds."""
+        while (blocked := is_blocked(connection)) is not None:
+            self._on_blocked("resource alarm" if blocked else None)
+            await asyncio.sleep(BLOCKED_POLL)
 
     def _on_blocked(self, reason: str | None) -> None:
         """The broker blocked (`reason`) or unblocked (None) the connection: one line each."""

@@ -90,6 +90,7 @@ def build_worker(
     metrics.sample_from(
         in_flight=lambda: worker.in_flight,
         consuming=lambda: worker.consuming,
+        broker_blocked=lambda: worker.broker_blocked,
         reconnects=lambda: worker.reconnects,
         token_reloads=lambda: tokens.reloads,
         throttled_installations=limits.throttled,

@@ -3,7 +3,8 @@
 - `GET /livez`: 200 `{"alive": true}` while the event loop turns on time; 503 with a reason
   when it has been stalling (see `LoopMonitor`).
 - `GET /readyz`: 200 `{"ready": true}` when connected to the broker and consuming; otherwise
-  503 `{"ready": false, "reason": …}` (starting, disconnected, shutting_down, circuit_open).
+  503 `{"ready": false, "reason": …}` (starting, disconnected, shutting_down, circuit_open,
+  broker_blocked).
 - `GET /metrics`: the `Metrics` registry (or the outbox relay's), in Prometheus' text format
   or OpenMetrics as the scraper asks (prometheus_client's own aiohttp handler).
 

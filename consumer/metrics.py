@@ -115,6 +115,7 @@ class Metrics:
         consuming: Sample,
         reconnects: Sample,
         token_reloads: Sample,
+        broker_blocked: Sample,
         throttled_installations: Sample,
         circuit_state: Callable[[], str],
     ) -> None:
@@ -126,6 +127,7 @@ class Metrics:
             "broker_reconnects": reconnects,
             "token_reloads": token_reloads,
             "throttled_installations": throttled_installations,
+            "broker_blocked": broker_blocked,
         }
         self._sampled.circuit_state = circuit_state
 
@@ -185,6 +187,11 @@ def _delivery_keys() -> Iterable[tuple[str, str, str]]:
 _SAMPLED: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str], ...] = (
     ("in_flight", GaugeMetricFamily, "Deliveries being handled now (at most the concurrency)."),
     ("consuming", GaugeMetricFamily, "1 while connected to the broker and consuming, else 0."),
+    (
+        "broker_blocked",
+        GaugeMetricFamily,
+        "1 while the broker blocks the connection (memory or disk alarm), else 0.",
+    ),
     (
         "broker_reconnects",
         CounterMetricFamily,

@@ -15,6 +15,17 @@ tier survives a broker restart and is never dropped on its way back; the work qu
 dead-letters into the DLQ whatever the broker itself gives up on. aio-pika and aiormq errors
 are mapped to `BrokerError` here (see `broker_errors`).
 
+Delivery limits (docs/operations.md, "Delivery limits"): RabbitMQ 4.0-4.2 give every quorum
+queue a limit of 20 returns by default, and a return is any delivery that ends without an ack
+(a reject, or a channel that closed holding it). Over the limit a message is dead-lettered, or
+dropped where the queue has no dead-letter target. So the work queue is declared with a limit
+above the default `CONSUMER_MAX_REDELIVERIES` (the worker's own check, with its reason, comes
+first; the broker's dead-letters into the DLQ as a backstop), and the DLQ with a limit no one
+reaches.
+The retry tiers are never consumed (their messages only expire), so no limit applies to them.
+Queues that an earlier release declared without a limit keep their arguments (the broker
+refuses to change them): `declare` notices and reports them, and a policy protects them.
+
 `CONSUMER_AMQP_URL` may list several nodes of a cluster (consumer/amqpurl.py): `Connector`
 tries them in turn, starting after the one it last reached, so losing a node fails over to the
 next at once. TLS failures (an untrusted or expired certificate, a plain port given as
@@ -48,6 +59,15 @@ CONNECT_TIMEOUT = 10.0  # seconds; a broker that does not answer by then counts 
 # and give up on a silent peer (a network partition, a frozen broker) only after 3 x 61 s;
 # at 10 it notices within about 35 s and reconnects.
 HEARTBEAT = 10
+DELIVERY_LIMIT = "x-delivery-limit"
+# A backstop above CONSUMER_MAX_REDELIVERIES (10 by default), so the worker's own check, with its
+# reason, normally comes first. Not higher: what only the broker can remove (a message aiormq
+# cannot decode, which closes the channel before our code sees it) loops once per reconnect
+# until this limit moves it to the DLQ. A CONSUMER_MAX_REDELIVERIES of 50 or more is cut here.
+WORK_QUEUE_DELIVERY_LIMIT = 50
+# As good as none, with the same meaning on every version: -1 means "no limit" on 4.x but drops
+# a message at its first return on 3.10 (both measured), and 3.10 applies no limit by default.
+DLQ_DELIVERY_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +189,19 @@ def describe_tls_error(exc: ssl.SSLError) -> str:
     return f"TLS handshake failed ({exc.reason or exc})"
 
 
+def is_blocked(connection: AbstractConnection) -> bool | None:
+    """Whether the broker blocks `connection` right now (a memory or disk alarm:
+    `connection.blocked`, which stops every publish on it); None when the client cannot tell.
+
+    aiormq 7 keeps this in a private event that its frame reader clears on `connection.blocked`
+    and sets on `connection.unblocked`, with no callback and without the broker's reason: it is
+    only read (polled by the worker), so nothing of the client's own handling changes.
+    """
+    underlay = connection.transport.connection if connection.transport else None
+    unblocked = getattr(underlay, "_Connection__connection_unblocked", None)
+    return not unblocked.is_set() if isinstance(unblocked, asyncio.Event) else None
+
+
 def with_heartbeat(url: str, seconds: int = HEARTBEAT) -> str:
     """`url` asking for heartbeats every `seconds`, unless its query already says how often."""
     parts = urlsplit(url)
@@ -187,22 +220,39 @@ async def open_channel(connection: AbstractConnection, *, prefetch: int = 0) -> 
         return channel
 
 
-async def declare(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
-    """Declare exchange, work queue, bindings, retry tiers and DLQ; return the work queue.
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """What `declare` made sure of: the work queue, the broker's version, and the queues that
+    an earlier release declared without our delivery limit (see `unprotected_warning`)."""
 
-    Safe to repeat. A queue that exists with other arguments is reported, not replaced.
+    work_queue: AbstractQueue
+    broker_version: str
+    without_delivery_limit: tuple[str, ...]
+
+
+async def declare(channel: AbstractChannel, topology: Topology) -> Declared:
+    """Declare exchange, DLQ, work queue, bindings and retry tiers.
+
+    Safe to repeat. A queue that exists with other arguments is reported, not replaced; the DLQ
+    or work queue of an earlier release, which differs only by having no delivery limit, is
+    used as it is and named in the result.
     """
     with broker_errors("declaring the topology"):
+        connection = (await channel.get_underlay_channel()).connection
         exchange = await channel.declare_exchange(
             topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         # The DLQ first: the work queue dead-letters into it.
-        await channel.declare_queue(topology.dead_letter_queue, durable=True, arguments=QUORUM)
-        work_queue = await channel.declare_queue(
-            topology.queue,
-            durable=True,
-            arguments=dead_lettering_to(topology.dead_letter_queue),
+        dlq_limited = await declare_with_delivery_limit(
+            connection, topology.dead_letter_queue, QUORUM, DLQ_DELIVERY_LIMIT
         )
+        work_limited = await declare_with_delivery_limit(
+            connection,
+            topology.queue,
+            dead_lettering_to(topology.dead_letter_queue),
+            WORK_QUEUE_DELIVERY_LIMIT,
+        )
+        work_queue = await channel.get_queue(topology.queue, ensure=False)
         for routing_key in BINDINGS:
             await work_queue.bind(exchange, routing_key)
         for delay_ms in topology.retry_tiers_ms:
@@ -211,7 +261,66 @@ async def declare(channel: AbstractChannel, topology: Topology) -> AbstractQueue
                 durable=True,
                 arguments={**dead_lettering_to(topology.queue), "x-message-ttl": delay_ms},
             )
-        return work_queue
+        unprotected = [topology.dead_letter_queue] if not dlq_limited else []
+        unprotected += [topology.queue] if not work_limited else []
+        version = connection.server_properties.get("version", "")
+        return Declared(work_queue, _text(version), tuple(unprotected))
+
+
+async def declare_with_delivery_limit(
+    connection: aiormq.abc.AbstractConnection, queue: str, arguments: dict[str, Any], limit: int
+) -> bool:
+    """Declare `queue` with `arguments` and delivery limit `limit`; True if it has that limit,
+    False if an earlier release declared it without one (it is then declared as it is).
+
+    The broker refuses the limit on such a queue and closes the channel, so each try gets a
+    channel of its own. Also the way to ask whether an existing DLQ is protected (declare it
+    with `QUORUM` and `DLQ_DELIVERY_LIMIT`): AMQP shows no queue's arguments.
+    """
+    for limited in (True, False):
+        extra = {DELIVERY_LIMIT: limit} if limited else {}
+        channel = await connection.channel()
+        try:
+            await channel.queue_declare(queue, durable=True, arguments={**arguments, **extra})
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            if not limited or DELIVERY_LIMIT not in str(exc):
+                raise
+            continue
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return limited
+    raise AssertionError("unreachable: the second try returns or raises")
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def unprotected_warning(queue: str, topology: Topology, broker_version: str) -> str:
+    """The one sentence an operator needs about a queue declared without our delivery limit."""
+    if queue == topology.dead_letter_queue:
+        risk = (
+            "RabbitMQ 4.0-4.2 drop a dead letter after 20 deliveries (each dlq command's look"
+            " counts), as the DLQ has no dead-letter target"
+        )
+        policy = f'{{"delivery-limit":{DLQ_DELIVERY_LIMIT}}}'  # not -1: 3.10 drops at once
+    else:
+        risk = (
+            "RabbitMQ 4.0-4.2 dead-letter a message into the DLQ after 20 deliveries, maybe"
+            " before CONSUMER_MAX_REDELIVERIES, with x-death reason delivery_limit"
+        )
+        policy = f'{{"delivery-limit":{WORK_QUEUE_DELIVERY_LIMIT}}}'
+    return (
+        f"queue {queue} was declared by an earlier release without x-delivery-limit, and its"
+        f" arguments cannot change: {risk} (this broker is {broker_version or 'unknown'});"
+        f" protect it with a policy, e.g. rabbitmqctl set_policy --apply-to queues"
+        f" {queue}-limit '^{_regex_quoted(queue)}$' '{policy}' (see docs/operations.md)"
+    )
+
+
+def _regex_quoted(name: str) -> str:
+    return "".join(f"\\{c}" if c in ".^$*+?()[]{}|\\" else c for c in name)
 
 
 def dead_lettering_to(queue: str) -> dict[str, Any]:

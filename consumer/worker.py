@@ -20,7 +20,11 @@ messages wait in the work queue, and fetches one message at a time (`basic.get`)
 whenever the breaker allows one; once a probe succeeds the breaker closes and it consumes again.
 
 `readiness()` says whether the worker is consuming, and why not: starting, disconnected (with
-the broker's error), circuit_open or shutting_down. `in_flight`, `consuming` and `reconnects`
+the broker's error), circuit_open, shutting_down, or broker_blocked (the broker blocked the
+connection over a memory or disk alarm, noticed within BLOCKED_POLL seconds: nothing can be
+published or acked until it lifts;
+retry and dead-letter publishes wait, bounded by their confirm timeout, and whatever was not
+acked is redelivered). `in_flight`, `consuming` and `reconnects`
 are read by the metrics at scrape time. A `session_task` (the queue-depth poller) runs
 alongside each broker session, on its connection.
 """
@@ -30,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from aio_pika.abc import (
@@ -43,12 +47,20 @@ from aio_pika.abc import (
 from consumer.backoff import Backoff
 from consumer.breaker import CircuitBreaker
 from consumer.errors import BrokerError
-from consumer.topology import Topology, broker_errors, declare, open_channel
+from consumer.topology import (
+    Topology,
+    broker_errors,
+    declare,
+    is_blocked,
+    open_channel,
+    unprotected_warning,
+)
 
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 Connect = Callable[[], Awaitable[AbstractConnection]]
 SessionTask = Callable[[AbstractConnection], Coroutine[Any, Any, None]]
 LOST_GRACE = 2.0  # seconds deliveries in flight may finish after their channel was lost
+BLOCKED_POLL = 0.5  # seconds between looks at whether the broker blocks the connection
 EMPTY_QUEUE_POLL = 1.0  # seconds between probe fetches while the work queue is empty
 
 
@@ -85,10 +97,17 @@ class Worker:
         self._broker_lost: str | None = None  # the error that ended the last session
         self._broker = ""  # host:port of the broker of the current session
         self.reconnects = 0  # sessions that failed or ended on a broker error
+        self._reported: set[str] = set()  # queues already warned about (once per process)
+        self._blocked: tuple[str, float] | None = None  # the broker's reason, since when
 
     @property
     def consuming(self) -> bool:
         return self._status == "consuming"
+
+    @property
+    def broker_blocked(self) -> bool:
+        """Whether the broker is blocking this worker's connection right now (a resource alarm)."""
+        return self._blocked is not None
 
     @property
     def in_flight(self) -> int:
@@ -100,6 +119,9 @@ class Worker:
         stopping = self._stop is not None and self._stop.is_set()
         status = "shutting_down" if stopping else self._status  # from the signal on, not later
         detail: dict[str, Any] = {"status": status, "circuit": self._breaker.state.value}
+        if status in ("consuming", "circuit_open") and self._blocked is not None:
+            detail.update(reason="broker_blocked", detail=self._blocked[0])
+            return False, detail
         if status != "consuming":
             detail["reason"] = status
         if status == "disconnected" and self._broker_lost is not None:
@@ -143,10 +165,13 @@ class Worker:
     async def _session(self, stop: asyncio.Event) -> None:
         self._consumed = False
         connection = await self._connect()
+        alarms = asyncio.create_task(self._watch_blocked(connection))
         watcher: asyncio.Task[None] | None = None
         try:
             channel = await open_channel(connection, prefetch=self._concurrency)
-            queue = await declare(channel, self.topology)
+            declared = await declare(channel, self.topology)
+            self._report_unprotected(declared.without_delivery_limit, declared.broker_version)
+            queue = declared.work_queue
             self._broker_lost = None
             self._report_recovery(connection)
             if self._session_task is not None:
@@ -158,6 +183,9 @@ class Worker:
         finally:
             if self._status != "shutting_down":
                 self._status = "disconnected"
+            alarms.cancel()
+            await asyncio.wait({alarms})
+            self._blocked = None  # a new connection starts unblocked
             if watcher is not None:
                 watcher.cancel()
                 await asyncio.wait({watcher})
@@ -168,6 +196,33 @@ class Worker:
             await self._abandon_in_flight()
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    async def _watch_blocked(self, connection: AbstractConnection) -> None:
+        """Follow whether the broker blocks the connection, every BLOCKED_POLL seconds."""
+        while (blocked := is_blocked(connection)) is not None:
+            self._on_blocked("resource alarm" if blocked else None)
+            await asyncio.sleep(BLOCKED_POLL)
+
+    def _on_blocked(self, reason: str | None) -> None:
+        """The broker blocked (`reason`) or unblocked (None) the connection: one line each."""
+        loop = asyncio.get_running_loop()
+        if reason is not None and self._blocked is None:
+            self._blocked = (reason, loop.time())
+            self._log.warning(
+                "broker blocked the connection; publishes and acks wait", broker_reason=reason
+            )
+        elif reason is None and self._blocked is not None:
+            seconds = round(loop.time() - self._blocked[1], 1)
+            self._blocked = None
+            self._log.info("broker unblocked the connection", blocked_s=seconds)
+
+    def _report_unprotected(self, queues: Sequence[str], broker_version: str) -> None:
+        """Warn, once per queue, about a queue an earlier release declared without a limit."""
+        for queue in queues:
+            if queue not in self._reported:
+                self._reported.add(queue)
+                message = unprotected_warning(queue, self.topology, broker_version)
+                self._log.warning("queue without delivery limit", queue=queue, detail=message)
 
     async def _consume_until_stopped(
         self,

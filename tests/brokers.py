@@ -1,18 +1,26 @@
-"""A private RabbitMQ node for tests that stop, restart or cut off the broker.
+"""The RabbitMQ nodes the tests use: the shared one, private ones that tests break, a cluster.
 
-The shared broker on 5672 (scripts/rabbitmq) serves every other test, so a test that breaks the
-broker on purpose gets its own node instead: same Debian install, another node name, AMQP port
-and data directory. Debian's /usr/sbin wrappers switch to the rabbitmq user and keep the
-environment, so `RABBITMQ_*` variables pick the node. Starting one takes about 5 s.
+`TEST_BROKER_VERSION` (3.10, the default, or 4.0) picks the broker every broker-facing test
+talks to. 3.10 is Debian 12's own install (scripts/rabbitmq, 127.0.0.1:5672); 4.0 is Debian 13's
+RabbitMQ 4.0.5 in a chroot (scripts/rabbitmq --version 4, 127.0.0.1:5674, node
+rabbit4@localhost).
+
+A test that stops, restarts or cuts off the broker gets a private node instead: same install as
+the chosen version, another node name, AMQP port and data directory. Debian's /usr/sbin wrappers
+switch to the rabbitmq user and keep the environment, so `RABBITMQ_*` variables pick the node;
+a 4.0 node is started through scripts/rabbitmq (which builds the chroot if needed) and driven
+with the chroot's rabbitmqctl. Starting one takes about 5-10 s.
 
 `BrokerCluster` is three such nodes made one RabbitMQ cluster: nodes 2 and 3 `join_cluster`
 node 1 (the rabbitmq user's one Erlang cookie lets them talk). `scripts/rabbitmq-cluster
-start|stop|status` drives it by hand (`python -m tests.brokers`).
+start|stop|status` drives it by hand (`python -m tests.brokers`). The cluster and nodes with a
+`config` (the TLS node) are 3.10 nodes.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import re
 import shutil
@@ -22,16 +30,65 @@ import time
 from pathlib import Path
 
 _SBIN = Path("/usr/sbin")
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq"
+CHROOT = Path(os.environ.get("RABBITMQ4_ROOT", "/opt/rmq4/trixie"))
+
+
+class BrokerVersion(enum.StrEnum):
+    V3_10 = "3.10"
+    V4_0 = "4.0"
+
+
+def selected_version() -> BrokerVersion:
+    """The broker version the tests run against (`TEST_BROKER_VERSION`, 3.10 when unset)."""
+    value = os.environ.get("TEST_BROKER_VERSION", BrokerVersion.V3_10.value)
+    try:
+        return BrokerVersion(value)
+    except ValueError:
+        raise SystemExit(f"TEST_BROKER_VERSION must be 3.10 or 4.0, not {value!r}") from None
+
+
+VERSION = selected_version()
+SHARED_PORT = {BrokerVersion.V3_10: 5672, BrokerVersion.V4_0: 5674}[VERSION]
+SHARED_NODE_4 = "rabbit4@localhost"  # scripts/rabbitmq --version 4's default node
+
+
+def rabbitmqctl(version: BrokerVersion, node: str | None) -> list[str]:
+    """The command line of `rabbitmqctl [-n node]` for a node of `version` (None: the default
+    node of Debian 12's install; for 4.0, the shared rabbit4@localhost)."""
+    if version is BrokerVersion.V4_0:
+        chroot = ["chroot", str(CHROOT), "env", "HOME=/var/lib/rabbitmq", "rabbitmqctl"]
+        return [*chroot, "-n", node or SHARED_NODE_4]
+    return [str(_SBIN / "rabbitmqctl"), *(["-n", node] if node else [])]
+
+
+def shared_ctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`rabbitmqctl ARGS` on the shared broker of the selected version."""
+    return subprocess.run(
+        [*rabbitmqctl(VERSION, None), *args],
+        check=check,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 class PrivateBroker:
-    """One extra RabbitMQ node on 127.0.0.1:`port`, with its own data under /tmp."""
+    """One extra RabbitMQ node of `version` on 127.0.0.1:`port`, with its own data."""
 
     def __init__(
-        self, port: int = 5673, name: str = "vercel-consumer-test", config: str | None = None
+        self,
+        port: int = 5673,
+        name: str = "vercel-consumer-test",
+        config: str | None = None,
+        version: BrokerVersion = BrokerVersion.V3_10,
     ) -> None:
+        if config is not None and version is not BrokerVersion.V3_10:
+            raise ValueError("a node with its own rabbitmq.conf runs on 3.10 only")
         self.port = port
+        self.version = version
         self.node = f"{name}-{port}@localhost"
+        # 3.10: under /tmp on this machine; 4.0: inside the chroot, where the node runs.
         self.base = Path(f"/tmp/{name}-{port}")
         self.url = f"amqp://guest:guest@127.0.0.1:{port}/"
         self.config = config  # rabbitmq.conf lines (a TLS listener, say), written at launch
@@ -58,7 +115,12 @@ class PrivateBroker:
 
     def launch(self) -> None:
         """Start the node detached, without waiting for it (a clustered node waits for its
-        peers at boot, so a cluster's nodes are launched together)."""
+        peers at boot, so a cluster's nodes are launched together). A 4.0 node is started
+        through scripts/rabbitmq, which builds the chroot if needed and waits for the node."""
+        if self.version is BrokerVersion.V4_0:
+            env = {**os.environ, "RABBITMQ_PORT": str(self.port), "RABBITMQ4_NODE": self.node}
+            subprocess.run([str(SCRIPT), "--version", "4"], env=env, check=True, timeout=900)
+            return
         self.base.mkdir(parents=True, exist_ok=True)
         shutil.chown(self.base, "rabbitmq", "rabbitmq")
         if self.config:
@@ -92,8 +154,8 @@ class PrivateBroker:
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run `rabbitmqctl -n <node> ARGS` (as the rabbitmq user, which has the cookie)."""
         return subprocess.run(
-            [str(_SBIN / "rabbitmqctl"), "-n", self.node, *args],
-            env=self._env(),
+            [*rabbitmqctl(self.version, self.node), *args],
+            env=self._env() if self.version is BrokerVersion.V3_10 else None,
             check=check,
             capture_output=True,
             text=True,
@@ -107,7 +169,8 @@ class PrivateBroker:
         is deleted right after it started, and after a few of those the supervisor of all such
         workers gives up for good: every later declare of a queue that dead-letters at least
         once (all of ours) fails with INTERNAL_ERROR until the node restarts. Tests that
-        restart the node and then delete their queues can get it there.
+        restart the node and then delete their queues can get it there. 4.0 has the same
+        supervisor (`rabbit_fifo_dlx_sup`), so the same cheap check guards both versions.
         """
         if not self.is_ready():
             self.start()

@@ -1,5 +1,10 @@
 """Shared fixtures: a real RabbitMQ (started by scripts/rabbitmq), the simulator, a relay.
 
+`TEST_BROKER_VERSION=4.0` runs every broker-facing test against RabbitMQ 4.0 (shared node on
+5674, private nodes in the chroot, see tests/brokers.py) instead of 3.10; such tests are marked
+`broker` at collection (they use a broker fixture, or their module says so), so CI can run
+`-m broker` a second time on the other version.
+
 Every test gets its own exchange and queue names, so tests never see each other's messages,
 and everything a test declared is deleted afterwards.
 """
@@ -38,10 +43,10 @@ from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import Topology
 from consumer.vercel import VercelClient
 from consumer.worker import Worker
-from tests.brokers import PrivateBroker
+from tests.brokers import SHARED_PORT, VERSION, PrivateBroker, shared_ctl
 from tests.chaos import REPORTS
 
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+AMQP_URL = os.environ.get("TEST_AMQP_URL", f"amqp://guest:guest@127.0.0.1:{SHARED_PORT}/")
 # Port of the private node that fault tests break. Developers running test sessions side by side
 # on one machine give each session its own (the node is stopped when a session ends).
 PRIVATE_BROKER_PORT = int(os.environ.get("TEST_PRIVATE_BROKER_PORT", "5673"))
@@ -68,13 +73,7 @@ async def _holds(predicate: Callable[[], bool | Awaitable[bool]]) -> bool:
 
 def broker_connections(*columns: str) -> list[list[str]]:
     """`rabbitmqctl list_connections COLUMNS` on the shared broker: one row of fields each."""
-    listing = subprocess.run(
-        ["rabbitmqctl", "-s", "list_connections", *columns],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+    listing = shared_ctl("-s", "list_connections", *columns).stdout
     return [line.split("\t") for line in listing.splitlines()]
 
 
@@ -88,6 +87,26 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         timeout=60,
         check=False,
     )
+
+
+# Fixtures that reach a broker: a test using one (directly or through another) is `broker`.
+BROKER_FIXTURES = frozenset({"amqp", "channel", "private_node", "private_broker", "start_relay"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "broker: talks to RabbitMQ (runs once per version in CI)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a broker fixture `broker` (modules that reach the broker
+    without one set `pytestmark = pytest.mark.broker` themselves)."""
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
+def pytest_report_header() -> str:
+    return f"broker: RabbitMQ {VERSION} ({AMQP_URL.split('@')[-1]})"
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -117,7 +136,7 @@ async def channel(amqp: AbstractConnection) -> AbstractChannel:
 def private_node() -> Iterator[PrivateBroker]:
     """A RabbitMQ node of its own, for tests that stop, restart or cut off the broker. Left
     running if it was already (another test session on this machine may be using it)."""
-    broker = PrivateBroker(port=PRIVATE_BROKER_PORT)
+    broker = PrivateBroker(port=PRIVATE_BROKER_PORT, version=VERSION)
     was_running = broker.is_ready()
     broker.start()
     yield broker
@@ -130,6 +149,22 @@ def private_broker(private_node: PrivateBroker) -> PrivateBroker:
     """The private node, up and healthy for this test (an earlier one may have broken it)."""
     private_node.ensure_healthy()
     return private_node
+
+
+def private_settings(
+    url: str, sim: VercelSimulator, tokens_dir: Path, prefix: str, **overrides: Any
+) -> Settings:
+    """Settings for a worker of this test on broker `url` (a private node, say), with a
+    topology of its own named `<prefix>-<random>`."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    return load_settings(
+        amqp_url=url,
+        vercel_api_url=sim.url,
+        vercel_tokens_dir=tokens_dir,
+        exchange=name,
+        queue=name,
+        **overrides,
+    )
 
 
 @pytest.fixture

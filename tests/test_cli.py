@@ -87,6 +87,7 @@ async def test_publish_with_no_queue_bound_fails_loudly(
     await channel.exchange_delete(names["exchange"])
 
 
+@pytest.mark.broker
 def test_publish_refuses_an_event_that_breaks_the_contract() -> None:
     """Without --no-validate a bad event is refused before it reaches the broker (exit 2)."""
     result = cli("publish", "--body", '{"id": "x", "type": "resource.renamed"}')

@@ -648,6 +648,7 @@ def test_cli_bad_usage_exits_2_with_one_line(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.broker
 def test_cli_broker_trouble_exits_1_with_a_clear_message(names: dict[str, str]) -> None:
     """An unreachable broker and a missing DLQ each end with status 1 and say which."""
     topology = Topology(names["exchange"], names["queue"], ())

@@ -141,6 +141,7 @@ def _dead_url(free_port: int) -> str:
     return f"amqp://guest:hunter2@127.0.0.1:{free_port}/"
 
 
+@pytest.mark.broker
 async def test_the_connector_fails_over_to_the_next_url(free_port: int) -> None:
     """A list whose first broker is down connects to the second, at once; the next connect
     starts after the broker last reached."""
@@ -148,7 +149,7 @@ async def test_the_connector_fails_over_to_the_next_url(free_port: int) -> None:
     connection = await connector()
     try:
         assert not connection.is_closed
-        assert connector.address.endswith(":5672")
+        assert connector.address == broker_address(AMQP_URL)
     finally:
         await connection.close()
 
@@ -193,6 +194,7 @@ async def test_an_outage_is_one_warning_and_one_line_when_it_is_over(
     assert worker.foreign_lines() == []
 
 
+@pytest.mark.broker
 async def test_a_single_url_keeps_working(free_port: int) -> None:
     """One URL, as before: connects; down, it is a BrokerError naming its address."""
     connection = await connect(AMQP_URL)

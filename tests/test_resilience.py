@@ -19,14 +19,13 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from consumer.app import build_worker
 from consumer.breaker import CircuitBreaker
 from consumer.errors import BrokerError
-from consumer.settings import load_settings
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import Topology, broker_errors, connect, open_channel
 from consumer.vercel import VercelClient
 from consumer.worker import Worker
 from tests.brokers import PrivateBroker
 from tests.chaos import CHAOS_TOKENS, Scenario, TcpProxy
-from tests.conftest import AMQP_URL, broker_connections, wait_until
+from tests.conftest import AMQP_URL, broker_connections, private_settings, wait_until
 
 
 class ListLog:
@@ -55,6 +54,7 @@ async def _delete(topology: Topology, url: str = AMQP_URL) -> None:
         await channel.exchange_delete(topology.exchange)
 
 
+@pytest.mark.broker
 async def test_calls_on_a_closed_channel_or_connection_are_broker_errors() -> None:
     """A channel or connection that closed between two calls makes the next call a
     BrokerError, like any other broker failure (aio-pika says so with RuntimeError)."""
@@ -68,6 +68,7 @@ async def test_calls_on_a_closed_channel_or_connection_are_broker_errors() -> No
         await open_channel(connection)
 
 
+@pytest.mark.broker
 async def test_worker_outlives_a_connection_that_closes_before_its_channel_opens(
     names: dict[str, str],
 ) -> None:
@@ -117,6 +118,7 @@ def broker_heartbeats() -> dict[str, int]:
     return found
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(("query", "expected"), [("", 10), ("?heartbeat=30", 30)])
 async def test_connections_ask_for_heartbeats_every_ten_seconds(query: str, expected: int) -> None:
     """The worker's connections heartbeat every 10 s (aiormq's default, 60 s, let a silent
@@ -194,14 +196,7 @@ async def test_not_ready_while_the_broker_is_down(
 ) -> None:
     """While the broker is stopped the worker reports not consuming (readiness), keeps
     retrying, and consumes again once the broker is back."""
-    suffix = uuid.uuid4().hex[:8]
-    settings = load_settings(
-        amqp_url=private_broker.url,
-        vercel_api_url=sim.url,
-        vercel_tokens_dir=tokens_dir,
-        exchange=f"chaos-ready-{suffix}",
-        queue=f"chaos-ready-{suffix}",
-    )
+    settings = private_settings(private_broker.url, sim, tokens_dir, "chaos-ready")
     vercel = VercelClient(settings.vercel_api_url)
     worker = build_worker(settings, vercel, ListLog())
     stop = asyncio.Event()

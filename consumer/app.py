@@ -14,8 +14,10 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 
 from consumer import __version__
+from consumer.acking import Acker
 from consumer.breaker import CircuitBreaker
 from consumer.breaker import State as BreakerState
+from consumer.coalesce import Coalescer
 from consumer.deadletter import Republisher
 from consumer.depths import DepthSampler
 from consumer.errors import ConfigError
@@ -51,6 +53,9 @@ def build_worker(
     breaker = build_breaker(settings, log)
     limits = InstallationLimits()
     rate = RequestRate(settings.max_rps)
+    coalescer: Coalescer[Any] | None = Coalescer() if settings.coalesce else None
+    if coalescer is not None:
+        metrics.coalesce_keys_waiting.set_function(coalescer.keys_waiting)
 
     def make_handler(channel: AbstractChannel) -> MessageHandler:
         return Handler(
@@ -66,6 +71,9 @@ def build_worker(
             log=log,
             metrics=metrics,
             tracer=tracer,
+            acker=Acker(max_held=settings.concurrency // 8),
+            coalescer=coalescer,
+            coalesce_window=settings.coalesce_window / 1000,
         )
 
     amqp_url = settings.amqp_url.get_secret_value()

@@ -26,7 +26,10 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.acking import Acker
 from consumer.breaker import CircuitBreaker
+from consumer.coalesce import Coalescer
+from consumer.coalescing import CoalescedSend
 from consumer.contract import Event, parse_event
 from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
 from consumer.errors import (
@@ -71,6 +74,9 @@ class Handler:
         log: Any,
         metrics: Metrics,
         tracer: Tracer = NO_TRACER,
+        acker: Acker | None = None,
+        coalescer: Coalescer[Any] | None = None,
+        coalesce_window: float = 0.0,
     ) -> None:
         self._vercel = vercel
         self._tokens = tokens
@@ -84,8 +90,18 @@ class Handler:
         self._log = log
         self._metrics = metrics
         self._tracer = tracer
+        self._acker = acker  # batches this channel's acks; None: one ack frame per message
+        # One call per key for deliveries waiting together (CONSUMER_COALESCE), or one each.
+        self._deliver = self._send
+        if coalescer is not None:
+            coalesced = CoalescedSend(
+                self._send, coalescer, window=coalesce_window, on_coalesced=metrics.coalesced.inc
+            )
+            self._deliver = coalesced.send
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
+        if self._acker is not None:
+            self._acker.received(message)
         attempts = attempts_made(message.headers) + 1
         with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* turns tracing on
             await self._handle(message, attempts)
@@ -105,7 +121,7 @@ class Handler:
             event = parse_event(message.body, max_bytes=self._max_body_bytes)
             fields.update(_event_fields(event))
             token = self._tokens.token_for(event.installation_id)
-            delivered = await self._send(event, token, trace_headers)
+            delivered = await self._deliver(event, token, trace_headers)
         except DeliveryError as error:
             fields.update(_error_fields(error, started))
             await self._reroute(message, error, attempts, fields)
@@ -225,14 +241,20 @@ class Handler:
         self, message: AbstractIncomingMessage, outcome: str, fields: dict[str, Any]
     ) -> None:
         try:
-            with broker_errors("acking"):
-                await message.ack()
+            await self._ack(message)
         except BrokerError as exc:
             # The channel is gone: the broker will redeliver, at worst as a duplicate.
             self._log.warning("ack failed; message will be redelivered", error=str(exc), **fields)
             return
         log = self._log.warning if outcome == "dead_lettered" else self._log.info
         log(outcome, **fields)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        if self._acker is not None:
+            await self._acker.ack(message)
+            return
+        with broker_errors("acking"):
+            await message.ack()
 
     async def _hand_back(
         self, message: AbstractIncomingMessage, exc: Exception, fields: dict[str, Any]
@@ -251,6 +273,9 @@ class Handler:
                 await message.reject(requeue=True)
         except BrokerError:
             pass  # channel closed: the broker requeues everything unacked on it anyway
+        else:
+            if self._acker is not None:
+                self._acker.released(message)  # settled: no longer blocks a run of acks
 
 
 def _event_fields(event: Event) -> dict[str, Any]:

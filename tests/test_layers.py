@@ -22,6 +22,8 @@ LAYERS = {
     "breaker": 2,
     "ratelimit": 2,
     "dlq.export": 2,
+    "ackrun": 2,
+    "coalesce": 2,
     "tokens": 3,
     "vercel": 3,
     "topology": 3,
@@ -32,6 +34,8 @@ LAYERS = {
     "otel": 3,
     "otel_sdk": 3,
     "depths": 3,
+    "acking": 3,
+    "coalescing": 3,
     "health": 3,
     "dlq.view": 3,
     "handler": 4,
@@ -42,7 +46,17 @@ LAYERS = {
     "dlq.cli": 6,
     "__main__": 7,
 }
-PURE = ("contract", "translate", "retry", "tracing", "breaker", "ratelimit", "dlq.export")
+PURE = (
+    "contract",
+    "translate",
+    "retry",
+    "tracing",
+    "breaker",
+    "ratelimit",
+    "dlq.export",
+    "ackrun",
+    "coalesce",
+)
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
 

@@ -2,7 +2,8 @@
 
 Each delivery's task calls `CoalescedSend.send(event, token, headers)` where it would call
 Vercel. The first delivery of a key leads: it waits `window` seconds (CONSUMER_COALESCE_WINDOW,
-0 by default) for others, then makes one call carrying the newest event's payload
+0 by default: one turn of the event loop, so that deliveries read from the broker together
+with it join) for others, then makes one call carrying the newest event's payload
 (`consumer/coalesce.py`) and hands its answer, or its error, to every delivery that call
 settles. A delivery of a key whose call is already in flight waits for the next call, which
 the first of them leads once the current one ends (trailing edge): a delivery is only ever
@@ -70,8 +71,9 @@ class CoalescedSend:
     ) -> Delivered:
         """Gather (the window), make the key's call, settle its batch, hand the lead on."""
         try:
-            if self._window > 0:
-                await asyncio.sleep(self._window)
+            # With no window, one turn of the loop: deliveries read from the broker together
+            # with this one (a burst arrives in few reads) join its call instead of the next.
+            await asyncio.sleep(self._window)
         except asyncio.CancelledError:
             self._promote(self._coalescer.withdraw(key, me))
             raise

@@ -15,6 +15,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 
 from consumer import __version__
+from consumer.accepted import AcceptedMemory
 from consumer.acking import Acker
 from consumer.breaker import CircuitBreaker
 from consumer.breaker import State as BreakerState
@@ -31,7 +32,7 @@ from consumer.ratelimit import InstallationLimits, RequestRate
 from consumer.retry import RetryPolicy
 from consumer.settings import Settings
 from consumer.tokens import TokenStore
-from consumer.topology import Topology, connect, connection_name
+from consumer.topology import Connector, Topology, connection_name
 from consumer.vercel import VercelClient
 from consumer.worker import MessageHandler, SessionTask, Worker
 
@@ -54,6 +55,7 @@ def build_worker(
     breaker = build_breaker(settings, log)
     limits = InstallationLimits()
     rate = RequestRate(settings.max_rps)
+    accepted = AcceptedMemory()  # shared by every session: redeliveries come on the next one
     coalescer: Coalescer[Any] | None = Coalescer() if settings.coalesce else None
     if coalescer is not None:
         metrics.coalesce_keys_waiting.set_function(coalescer.keys_waiting)
@@ -63,7 +65,12 @@ def build_worker(
             vercel=vercel,
             tokens=tokens,
             policy=policy,
-            republisher=Republisher(channel, topology),
+            republisher=Republisher(
+                channel,
+                topology,
+                confirm_timeout=settings.confirm_timeout,
+                big_body_bytes=settings.max_body_bytes,
+            ),
             breaker=breaker,
             limits=limits,
             rate=rate,
@@ -71,16 +78,15 @@ def build_worker(
             max_redeliveries=settings.max_redeliveries,
             log=log,
             metrics=metrics,
+            accepted=accepted,
             tracer=tracer,
             acker=Acker(max_held=settings.concurrency // 8),
             coalescer=coalescer,
             coalesce_window=settings.coalesce_window / 1000,
         )
 
-    amqp_url = settings.amqp_url.get_secret_value()
-    name = connection_name()
     worker = Worker(
-        connect=lambda: connect(amqp_url, name=name),
+        connect=Connector(settings.broker_urls(), name=connection_name()),
         topology=topology,
         make_handler=make_handler,
         breaker=breaker,

@@ -170,7 +170,7 @@ def _event_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _publish(settings: Settings, events: list[dict[str, Any]], *, validate: bool) -> None:
-    url = settings.amqp_url.get_secret_value()
+    url = settings.broker_urls()
     async with await EventPublisher.connect(url, exchange=settings.exchange) as publisher:
         for event in events:
             await publisher.publish(event, validate=validate)

@@ -11,16 +11,34 @@ Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
 (set by `vercel-consumer dlq replay`, see consumer/dlq/ops.py). The broker's `x-delivery-count` is
 dropped from copies: it counts deliveries of the original, and a copy starts afresh.
 
+Our headers come from us, never from the publisher. On a message from a named exchange (a
+publisher's, or `dlq replay --to-origin`) every one of them is dropped before we read it or set
+it: `original-exchange` and `original-routing-key` are the delivery's, the attempts start
+afresh and the first attempt is now. A message that came through the default exchange was put
+in the work queue by name (by one of our retry tiers, by `dlq replay`, or by someone allowed to
+write to the queue itself); its origin headers are kept, and its `first-attempt-at` only when it
+also carries our attempt count, is readable and is not in the future (otherwise: now).
+
 A copy must be publishable whatever the original carried, or the message could never leave the
 work queue: header strings that were not UTF-8 (pamqp hands them over as bytes, which it cannot
-send) become byte arrays, and headers that would not fit in one AMQP frame next to ours (the
-broker closes the whole connection over an oversized frame) are dropped, largest first, and
-named in `dropped-headers`.
+send) become byte arrays; headers whose name, or a name inside them, is longer than AMQP's 128
+bytes (pamqp would cut it short on every copy) are dropped; and headers that would not fit in
+one AMQP frame next to ours (the broker closes the whole connection over an oversized frame)
+are dropped, largest first. Dropped headers are named in `dropped-headers`.
+
+Copies of one event id never overlap on the channel: aiormq pairs a `basic.return` (an
+unroutable copy) with its publish by `message_id`, one publish per id, so two copies of one id
+in flight (publishers send duplicates) could have the return of one settle the other, and the
+unroutable copy pass for confirmed. A copy waits for the broker's confirm at most
+`confirm_timeout` seconds; then it counts as not confirmed, the channel is closed (the broker
+may be stuck on it) and the caller hands the message back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +46,7 @@ import aio_pika
 import pamqp.encode
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
 
+from consumer.errors import BrokerError
 from consumer.retry import DeadLetter, Retry
 from consumer.topology import Topology, broker_errors
 
@@ -57,6 +76,24 @@ VERDICT_HEADERS = frozenset(
 # 8 short strings of 255 bytes) and the frame's own fields.
 FRAME_MAX = 131_072
 HEADERS_LIMIT = FRAME_MAX - 4096
+MAX_NAME_BYTES = 128  # AMQP's limit on a field table's key; pamqp truncates longer ones
+# Written only by the relay; a publisher's values for them are never trusted (see above).
+RELAY_HEADERS = frozenset(
+    {
+        ATTEMPTS,
+        FIRST_ATTEMPT_AT,
+        ORIGINAL_EXCHANGE,
+        ORIGINAL_ROUTING_KEY,
+        ORIGINAL_USER_ID,
+        LAST_ERROR,
+        REASON,
+        DETAIL,
+        HTTP_STATUS,
+        DEAD_LETTERED_AT,
+        DROPPED_HEADERS,
+    }
+)
+ORIGIN_HEADERS = (ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, ORIGINAL_USER_ID)
 
 
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
@@ -65,6 +102,25 @@ def attempts_made(headers: Mapping[str, Any] | None) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000:
         return value
     return 0
+
+
+def trusted_headers(message: AbstractIncomingMessage, now: datetime) -> HeadersType:
+    """`message`'s headers, with ours only where we can have written them (module docstring)."""
+    headers: HeadersType = dict(message.headers or {})
+    through_default_exchange = not message.exchange
+    kept = set(ORIGIN_HEADERS) if through_default_exchange else set()
+    if through_default_exchange and attempts_made(headers) > 0 and _in_the_past(headers, now):
+        kept.update((ATTEMPTS, FIRST_ATTEMPT_AT))
+    return {k: v for k, v in headers.items() if k not in RELAY_HEADERS or k in kept}
+
+
+def _in_the_past(headers: HeadersType, now: datetime) -> bool:
+    """Whether `first-attempt-at` is readable and not after `now`."""
+    first = header_time(headers, FIRST_ATTEMPT_AT)
+    try:
+        return first is not None and first <= now
+    except OverflowError:  # an offset that takes it below year 1
+        return False
 
 
 def redeliveries(headers: Mapping[str, Any] | None) -> int:
@@ -114,6 +170,8 @@ def publishable_headers(headers: HeadersType, limit: int = HEADERS_LIMIT) -> Hea
     dropped = []
     for name, value in fixed.items():
         try:
+            if _has_long_name(name, value):
+                raise ValueError(f"a header name is longer than {MAX_NAME_BYTES} bytes")
             sizes[name] = len(pamqp.encode.field_table({name: value}))
         except (TypeError, ValueError):
             dropped.append(name)
@@ -131,6 +189,17 @@ def publishable_headers(headers: HeadersType, limit: int = HEADERS_LIMIT) -> Hea
     return kept
 
 
+def _has_long_name(name: str, value: Any) -> bool:
+    """Whether `name`, or a table key anywhere inside `value`, exceeds AMQP's 128 bytes."""
+    if len(name.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES:
+        return True
+    if isinstance(value, list):
+        return any(_has_long_name("", item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_long_name(key, item) for key, item in value.items())
+    return False
+
+
 def _encodable(value: Any) -> Any:
     if isinstance(value, bytes):
         return bytearray(value)
@@ -145,6 +214,36 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+CONFIRM_TIMEOUT = 30.0  # seconds; the default of CONSUMER_CONFIRM_TIMEOUT
+# Seconds for closing a channel the broker may be stuck on. aio-pika gives the broker one
+# heartbeat interval (10 s by default) to answer and then closes it locally; this bound only
+# matters with heartbeats off.
+CHANNEL_CLOSE_TIMEOUT = 30.0
+
+
+class KeyedLock:
+    """One holder at a time per key (keys without holders or waiters are forgotten)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def held(self, key: str | None) -> AsyncIterator[None]:
+        """Hold `key`'s lock; no lock at all for None or ""."""
+        if not key:
+            yield
+            return
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
+
+
 class Republisher:
     """Publishes copies of deliveries to the retry tiers and the DLQ, with confirms."""
 
@@ -153,11 +252,21 @@ class Republisher:
         channel: AbstractChannel,
         topology: Topology,
         *,
+        confirm_timeout: float = CONFIRM_TIMEOUT,
+        big_body_bytes: int | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._channel = channel
         self._topology = topology
+        self._confirm_timeout = confirm_timeout
         self._clock = clock
+        self._in_flight_ids = KeyedLock()  # see the module docstring: aiormq's return pairing
+        self._closing: asyncio.Task[None] | None = None
+        # Copies of bodies over `big_body_bytes` (dead letters of oversized messages) are made
+        # one at a time: framing a copy holds the body twice more, and 64 of them at once
+        # would multiply the worker's memory (docs/operations.md, "Big messages").
+        self._big_body_bytes = big_body_bytes
+        self._one_big_copy = asyncio.Lock()
 
     async def retry(self, message: AbstractIncomingMessage, decision: Retry, error: str) -> None:
         """Park the message in the tier of `decision.delay_ms`; it returns to the work queue."""
@@ -176,11 +285,13 @@ class Republisher:
         await self._publish(message, headers, self._topology.dead_letter_queue)
 
     def _carried_headers(self, message: AbstractIncomingMessage, attempts: int) -> HeadersType:
-        headers: HeadersType = dict(message.headers or {})
+        now = self._clock()
+        headers = trusted_headers(message, now)
         headers.pop(DELIVERY_COUNT, None)
-        headers.setdefault(ORIGINAL_EXCHANGE, message.exchange or "")
-        headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
-        headers.setdefault(FIRST_ATTEMPT_AT, rfc3339(self._clock()))
+        if ORIGINAL_EXCHANGE not in headers or ORIGINAL_ROUTING_KEY not in headers:
+            headers[ORIGINAL_EXCHANGE] = message.exchange or ""
+            headers[ORIGINAL_ROUTING_KEY] = message.routing_key or ""
+        headers.setdefault(FIRST_ATTEMPT_AT, rfc3339(now))
         if message.user_id:
             headers[ORIGINAL_USER_ID] = message.user_id
         headers[ATTEMPTS] = attempts
@@ -190,8 +301,46 @@ class Republisher:
         self, message: AbstractIncomingMessage, headers: HeadersType, queue: str
     ) -> None:
         copy = copy_message(message, headers)
-        with broker_errors(f"publishing to {queue}"):
-            await self._channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+        try:
+            with broker_errors(f"publishing to {queue}"):
+                async with (
+                    asyncio.timeout(self._confirm_timeout),
+                    self._big_copy_turn(copy),
+                    self._in_flight_ids.held(copy.message_id),
+                ):
+                    await self._channel.default_exchange.publish(
+                        copy, routing_key=queue, mandatory=True
+                    )
+        except BrokerError as exc:
+            if not isinstance(exc.__cause__, TimeoutError):
+                raise
+            self._abandon_channel()
+            raise BrokerError(
+                f"publishing to {queue} failed: no confirm from the broker within"
+                f" {self._confirm_timeout:g} s (CONSUMER_CONFIRM_TIMEOUT); closing the channel"
+            ) from exc
+
+    @contextlib.asynccontextmanager
+    async def _big_copy_turn(self, copy: aio_pika.Message) -> AsyncIterator[None]:
+        if self._big_body_bytes is None or len(copy.body) <= self._big_body_bytes:
+            yield
+            return
+        async with self._one_big_copy:
+            yield
+
+    def _abandon_channel(self) -> None:
+        """Close the channel after a confirm that never came: the broker may be stuck on it
+        (a quorum queue without a quorum blocks a channel's first publish to it), and then it
+        would neither deliver nor take our acks. The worker sees the channel close and opens a
+        new session; the broker requeues what this channel held. In a task of its own, so that
+        the caller can hand its message back and say why before the worker cancels it."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close_channel())
+
+    async def _close_channel(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CHANNEL_CLOSE_TIMEOUT):
+                await self._channel.close()
 
 
 def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:

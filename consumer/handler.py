@@ -15,6 +15,10 @@ so that it does not hold a consumer slot the other installations need. Every Ver
 reported to the circuit breaker; while it is open, failures do not spend attempts either.
 A message the broker has redelivered more than `max_redeliveries` times is dead-lettered
 unprocessed: it may be what killed the workers that held it.
+
+When an ack is lost after Vercel's 2xx (the channel closed meanwhile), the event is remembered
+(`AcceptedMemory`: its id and a hash of its body, for a few minutes); its redelivery to this
+worker is acked without a second call, logged as `redelivery_skipped` and counted.
 """
 
 from __future__ import annotations
@@ -26,12 +30,19 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumer.accepted import AcceptedMemory
 from consumer.acking import Acker
 from consumer.breaker import CircuitBreaker
 from consumer.coalesce import Coalescer
 from consumer.coalescing import CoalescedSend
 from consumer.contract import Event, parse_event
-from consumer.deadletter import Republisher, attempts_made, redeliveries, retry_age
+from consumer.deadletter import (
+    Republisher,
+    attempts_made,
+    redeliveries,
+    retry_age,
+    trusted_headers,
+)
 from consumer.errors import (
     BrokerError,
     DeliveryError,
@@ -73,11 +84,13 @@ class Handler:
         max_redeliveries: int,
         log: Any,
         metrics: Metrics,
+        accepted: AcceptedMemory | None = None,
         tracer: Tracer = NO_TRACER,
         acker: Acker | None = None,
         coalescer: Coalescer[Any] | None = None,
         coalesce_window: float = 0.0,
     ) -> None:
+        self._accepted = AcceptedMemory() if accepted is None else accepted
         self._vercel = vercel
         self._tokens = tokens
         self._policy = policy
@@ -102,7 +115,7 @@ class Handler:
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         if self._acker is not None:
             self._acker.received(message)
-        attempts = attempts_made(message.headers) + 1
+        attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
         with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* turns tracing on
             await self._handle(message, attempts)
 
@@ -120,6 +133,9 @@ class Handler:
             self._check_redeliveries(message)
             event = parse_event(message.body, max_bytes=self._max_body_bytes)
             fields.update(_event_fields(event))
+            if message.redelivered and self._accepted.holds(event.id, message.body):
+                await self._skip_accepted(message, fields)
+                return
             token = self._tokens.token_for(event.installation_id)
             delivered = await self._deliver(event, token, trace_headers)
         except DeliveryError as error:
@@ -215,7 +231,8 @@ class Handler:
         attempts: int,
         fields: dict[str, Any],
     ) -> None:
-        age = retry_age(message.headers, datetime.now(UTC))
+        now = datetime.now(UTC)
+        age = retry_age(trusted_headers(message, now), now)
         decision = self._policy.decide(error, attempts, age=age, counted=not self._breaker.is_open)
         try:
             if isinstance(decision, DeadLetter):
@@ -243,7 +260,10 @@ class Handler:
         try:
             await self._ack(message)
         except BrokerError as exc:
-            # The channel is gone: the broker will redeliver, at worst as a duplicate.
+            # The channel is gone: the broker will redeliver. Vercel has a delivered event
+            # already, so its redelivery to this worker is acked without a second call.
+            if outcome == "delivered":
+                self._accepted.remember(fields["event_id"], message.body)
             self._log.warning("ack failed; message will be redelivered", error=str(exc), **fields)
             return
         log = self._log.warning if outcome == "dead_lettered" else self._log.info
@@ -255,6 +275,13 @@ class Handler:
             return
         with broker_errors("acking"):
             await message.ack()
+
+    async def _skip_accepted(
+        self, message: AbstractIncomingMessage, fields: dict[str, Any]
+    ) -> None:
+        """A redelivery of an event Vercel accepted (its ack was lost): ack it, no second call."""
+        self._metrics.redeliveries_skipped.inc()
+        await self._settle(message, "redelivery_skipped", fields)
 
     async def _hand_back(
         self, message: AbstractIncomingMessage, exc: Exception, fields: dict[str, Any]

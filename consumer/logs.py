@@ -7,7 +7,13 @@ are written to stdout as single JSON objects rendered by orjson.
 Libraries log through the standard `logging` module (aiormq reports every dropped connection,
 with a traceback, at warning and error). Their records of warning and above are passed to
 structlog too, so that they are JSON lines like ours (`logger` names the library, the
-traceback goes in `exception`), not bare text between them.
+traceback goes in `exception`), not bare text between them; a RecursionError's thousand frames
+are left out.
+
+Except the library's reports of a broker going away (`FOLDED`): the worker says that itself,
+once per outage ("broker unavailable", then "broker reconnected after N s"), so those records
+are lowered to debug, without their tracebacks. Any other library warning or error, a real one,
+stays as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ from typing import IO, Any, TextIO, cast
 import orjson
 import structlog
 
+# aiormq's messages for a connection that could not be made or was lost: the worker's own
+# "broker unavailable" line reports the same fault (record.msg, before %-formatting).
+FOLDED = (
+    "error when creating transport",
+    "Cancelling cause reader exited abnormally",
+    "Unexpected connection close from remote",
+    "Server connection %r was stuck",
+)
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -61,9 +75,21 @@ class _ToStructlog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         fields: dict[str, Any] = {"logger": record.name}
-        if record.exc_info:
+        if is_folded(record):
+            structlog.get_logger(record.name).debug(record.getMessage(), **fields)
+            return
+        if record.exc_info and isinstance(record.exc_info[1], RecursionError):
+            # A thousand frames of one decoder (headers nested too deep, 218 KB a line, twice
+            # a second while the worker reconnects): one line says it as well.
+            fields["error"] = f"RecursionError: {record.exc_info[1]} (traceback left out)"
+        elif record.exc_info:
             fields["exc_info"] = record.exc_info
         structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **fields)
+
+
+def is_folded(record: logging.LogRecord) -> bool:
+    """Whether `record` is the AMQP library's report of a lost or refused connection."""
+    return record.name.startswith(("aiormq", "aio_pika")) and str(record.msg).startswith(FOLDED)
 
 
 def _binary(stream: IO[Any]) -> Any:

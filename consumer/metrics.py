@@ -88,6 +88,12 @@ class Metrics:
             "Keys (installation, type, resource) with deliveries waiting for the next call.",
             registry=self.registry,
         )
+        self.redeliveries_skipped = Counter(
+            f"{PREFIX}_redeliveries_skipped",
+            "Redeliveries acked without calling Vercel: Vercel had accepted that very event "
+            "(same id and body) but its ack was lost with the channel.",
+            registry=self.registry,
+        )
         info = Gauge(f"{PREFIX}_build_info", "Always 1.", ["version"], registry=self.registry)
         info.labels(__version__).set(1)
         ProcessCollector(registry=self.registry)

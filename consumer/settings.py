@@ -7,6 +7,8 @@ bad variable, so a wrong deployment fails with a sentence, not a traceback.
 
 from __future__ import annotations
 
+import os
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from consumer.amqpurl import list_problem, split_urls, with_tls
 from consumer.errors import ConfigError
 
 ENV_PREFIX = "CONSUMER_"
@@ -25,6 +28,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    amqp_cafile: Path | None = None
+    amqp_certfile: Path | None = None
+    amqp_keyfile: Path | None = None
     exchange: str = Field("domain-events", min_length=1, max_length=255)
     queue: str = Field("vercel-events", min_length=1, max_length=200)
     vercel_api_url: str = "https://api.vercel.com"
@@ -38,6 +44,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(25.0, ge=0, le=3600)
     max_retry_age: float = Field(86_400.0, gt=0, le=30 * 86_400)
     max_redeliveries: int = Field(10, ge=1, le=1000)
+    confirm_timeout: float = Field(30.0, gt=0, le=3600)
     breaker_failure_ratio: float = Field(0.8, gt=0, le=1)
     breaker_window: int = Field(50, ge=4, le=10_000)
     breaker_probe_delays: Annotated[tuple[float, ...], NoDecode] = (1, 2, 5, 10, 30)
@@ -50,7 +57,14 @@ class Settings(BaseSettings):
     coalesce: bool = True
     coalesce_window: float = Field(0.0, ge=0, le=60_000)  # milliseconds
 
-    @field_validator("vercel_token", "vercel_tokens_dir", mode="before")
+    @field_validator(
+        "vercel_token",
+        "vercel_tokens_dir",
+        "amqp_cafile",
+        "amqp_certfile",
+        "amqp_keyfile",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         # An empty variable (a Helm value left blank) means "not set", not "" or the cwd.
@@ -83,10 +97,45 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        # One URL, or several separated by commas (failover); each checked, none repeated.
+        problem = list_problem(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+    @field_validator("amqp_cafile", "amqp_certfile", "amqp_keyfile")
+    @classmethod
+    def _check_tls_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value.is_file() and os.access(value, os.R_OK)):
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_files(self) -> Settings:
+        """The TLS files load as OpenSSL will load them on connect: a CA, a matching pair."""
+        if self.amqp_keyfile is not None and self.amqp_certfile is None:
+            raise ValueError(
+                "CONSUMER_AMQP_KEYFILE is set without CONSUMER_AMQP_CERTFILE (the client"
+                " certificate it belongs to)"
+            )
+        context = ssl.create_default_context()
+        if self.amqp_cafile is not None:
+            try:
+                context.load_verify_locations(cafile=self.amqp_cafile)
+            except (ssl.SSLError, OSError):
+                raise ValueError(
+                    f"CONSUMER_AMQP_CAFILE={self.amqp_cafile} holds no PEM CA certificate"
+                ) from None
+        if self.amqp_certfile is not None:
+            try:
+                # No password: an encrypted key would make OpenSSL prompt on a terminal.
+                context.load_cert_chain(self.amqp_certfile, self.amqp_keyfile, password=_no_pw)
+            except (ssl.SSLError, OSError):
+                raise ValueError(
+                    "CONSUMER_AMQP_CERTFILE and CONSUMER_AMQP_KEYFILE are not a PEM certificate"
+                    " and its unencrypted private key"
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _check_tokens_dir(self) -> Settings:
@@ -97,8 +146,26 @@ class Settings(BaseSettings):
 
     @property
     def amqp_url_redacted(self) -> str:
-        """The broker URL with its password masked: the only form fit for a log line."""
-        return redact_url(self.amqp_url.get_secret_value())
+        """The broker URLs with their passwords masked: the only form fit for a log line."""
+        return ",".join(redact_url(url) for url in split_urls(self.amqp_url.get_secret_value()))
+
+    def broker_urls(self) -> str:
+        """The failover list to connect to (a secret), with the TLS files of
+        CONSUMER_AMQP_CAFILE/CERTFILE/KEYFILE added to its amqps:// URLs."""
+        files = {
+            "cafile": self.amqp_cafile,
+            "certfile": self.amqp_certfile,
+            "keyfile": self.amqp_keyfile,
+        }
+        given = {key: str(path) for key, path in files.items() if path is not None}
+        return with_tls(self.amqp_url.get_secret_value(), given)
+
+
+def _no_pw() -> str:
+    raise ValueError(
+        "CONSUMER_AMQP_KEYFILE (or the key in CONSUMER_AMQP_CERTFILE) is encrypted;"
+        " give it unencrypted (in a Secret)"
+    )
 
 
 def redact_url(url: str) -> str:

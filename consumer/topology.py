@@ -14,6 +14,11 @@ the work queue at-least-once (quorum queues, `x-overflow: reject-publish`), so a
 tier survives a broker restart and is never dropped on its way back; the work queue likewise
 dead-letters into the DLQ whatever the broker itself gives up on. aio-pika and aiormq errors
 are mapped to `BrokerError` here (see `broker_errors`).
+
+`CONSUMER_AMQP_URL` may list several nodes of a cluster (consumer/amqpurl.py): `Connector`
+tries them in turn, starting after the one it last reached, so losing a node fails over to the
+next at once. TLS failures (an untrusted or expired certificate, a plain port given as
+amqps://) become one sentence (`describe_tls_error`), never a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +37,8 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
+from consumer.amqpurl import broker_address as broker_address  # re-exported for the dlq tool
+from consumer.amqpurl import split_urls
 from consumer.errors import BrokerError
 
 BINDINGS = ("resource.#", "billing.#")
@@ -71,6 +79,9 @@ def broker_errors(action: str) -> Iterator[None]:
         # RuntimeError (ChannelInvalidStateError among them) when it closed between two calls.
         RuntimeError,
     ) as exc:
+        tls = _tls_cause(exc)
+        if tls is not None:
+            raise BrokerError(f"{action} failed: {describe_tls_error(tls)}") from exc
         raise BrokerError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
     except TimeoutError as exc:
         raise BrokerError(f"{action} timed out") from exc
@@ -82,13 +93,80 @@ def connection_name() -> str:
 
 
 async def connect(url: str, *, name: str = "vercel-consumer") -> AbstractConnection:
-    """Open one AMQP connection, named for the broker's UI (no automatic reconnect: the worker
-    owns that loop)."""
-    with broker_errors(f"connecting to {broker_address(url)}"):
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            return await aio_pika.connect(
-                with_heartbeat(url), client_properties={"connection_name": name}
-            )
+    """Open one AMQP connection to the first broker of the list `url` that answers, named for
+    the broker's UI (no automatic reconnect: the worker owns that loop)."""
+    return await Connector(url, name=name)()
+
+
+class Connector:
+    """Connects to the brokers of a failover list in turn, starting after the last one reached.
+
+    Each call tries every URL once, at once, before giving up with one BrokerError that names
+    each broker's failure: the wait between rounds is the worker's (consumer/backoff.py).
+    """
+
+    def __init__(self, url: str, *, name: str = "vercel-consumer") -> None:
+        self._urls = split_urls(url)
+        self._name = name
+        self._next = 0
+        self.address = ""  # host:port of the broker last connected to
+
+    async def __call__(self) -> AbstractConnection:
+        failures: list[str] = []
+        count = len(self._urls)
+        for offset in range(count):
+            index = (self._next + offset) % count
+            address = broker_address(self._urls[index])
+            try:
+                connection = await self._open(self._urls[index], address)
+            except BrokerError as exc:
+                failures.append(str(exc))
+                continue
+            self._next, self.address = (index + 1) % count, address
+            return connection
+        raise BrokerError("; ".join(failures) if failures else "no broker URL given")
+
+    async def _open(self, url: str, address: str) -> AbstractConnection:
+        with broker_errors(f"connecting to {address}"):
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                return await aio_pika.connect(
+                    with_heartbeat(url), client_properties={"connection_name": self._name}
+                )
+
+
+def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind `exc` (aiormq wraps it in AMQPConnectionError), if any."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # a short chain; never loop on a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def describe_tls_error(exc: ssl.SSLError) -> str:
+    """One sentence for a failed TLS handshake, saying what to check."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or exc.reason or "verification failed"
+        return (
+            f"TLS: the broker's certificate was not accepted ({why}); check that"
+            " CONSUMER_AMQP_CAFILE (or the URL's cafile) is the CA that signed it and that it"
+            " is still valid"
+        )
+    reason = str(exc.reason or exc).lower().replace("_", " ")
+    if "wrong version" in reason or "record layer" in reason or "unknown protocol" in reason:
+        return (
+            "TLS: the broker did not answer with TLS (is this a plain AMQP port given as"
+            " amqps://? RabbitMQ's TLS port is usually 5671)"
+        )
+    if "certificate" in reason or "alert" in reason:
+        return (
+            f"TLS: the broker refused the handshake ({exc.reason}); check the client"
+            " certificate (CONSUMER_AMQP_CERTFILE, CONSUMER_AMQP_KEYFILE)"
+        )
+    return f"TLS handshake failed ({exc.reason or exc})"
 
 
 def with_heartbeat(url: str, seconds: int = HEARTBEAT) -> str:
@@ -98,12 +176,6 @@ def with_heartbeat(url: str, seconds: int = HEARTBEAT) -> str:
         return url
     query = f"{parts.query}&heartbeat={seconds}" if parts.query else f"heartbeat={seconds}"
     return urlunsplit(parts._replace(query=query))
-
-
-def broker_address(url: str) -> str:
-    """`host:port` of an AMQP URL: enough to say which broker, without the credentials."""
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
 
 
 async def open_channel(connection: AbstractConnection, *, prefetch: int = 0) -> AbstractChannel:

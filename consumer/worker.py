@@ -3,8 +3,14 @@
 `Worker.run(stop)` loops over broker sessions until `stop` is set. A session opens a connection
 and one channel (prefetch = concurrency, publisher confirms), declares the topology and consumes
 until the channel closes or `stop` is set. Losing the broker ends the session; the next one
-starts after a backoff. Deliveries of a lost channel are never acked on the next one: each
-message holds its own channel, and the broker redelivers whatever that channel left unacked.
+starts at once (the connector fails over to the next broker of the list), then after a capped,
+jittered backoff (consumer/backoff.py). An outage is logged once, as a warning when it starts
+and one line when it is over ("broker reconnected after N s"); the attempts in between are
+debug lines. Deliveries in flight when the channel is lost get `LOST_GRACE` seconds to finish
+their Vercel call (their ack fails; the handler remembers what Vercel accepted, so that the
+redelivery is not sent twice), then are cancelled. Deliveries of a lost channel are never acked
+on the next one: each message holds its own channel, and the broker redelivers whatever that
+channel left unacked.
 
 On `stop` the worker cancels its consumer, waits up to `shutdown_timeout` for deliveries in
 flight, cancels what is left (unacked, so the broker redelivers it) and closes the connection.
@@ -23,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aio_pika.abc import (
@@ -33,6 +40,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
+from consumer.backoff import Backoff
 from consumer.breaker import CircuitBreaker
 from consumer.errors import BrokerError
 from consumer.topology import Topology, broker_errors, declare, open_channel
@@ -40,7 +48,7 @@ from consumer.topology import Topology, broker_errors, declare, open_channel
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 Connect = Callable[[], Awaitable[AbstractConnection]]
 SessionTask = Callable[[AbstractConnection], Coroutine[Any, Any, None]]
-RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+LOST_GRACE = 2.0  # seconds deliveries in flight may finish after their channel was lost
 EMPTY_QUEUE_POLL = 1.0  # seconds between probe fetches while the work queue is empty
 
 
@@ -57,7 +65,7 @@ class Worker:
         concurrency: int,
         shutdown_timeout: float,
         log: Any,
-        reconnect_delays: Sequence[float] = RECONNECT_DELAYS,
+        backoff: Backoff | None = None,
         session_task: SessionTask | None = None,
     ) -> None:
         self._connect = connect
@@ -67,13 +75,15 @@ class Worker:
         self._concurrency = concurrency
         self._shutdown_timeout = shutdown_timeout
         self._log = log
-        self._reconnect_delays = reconnect_delays
+        self._backoff = Backoff() if backoff is None else backoff
+        self._outage_since: float | None = None  # monotonic time the broker was lost
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._status = "starting"  # consuming | starting | disconnected | ... (readiness)
         self._consumed = False  # whether the current session got as far as consuming
         self._session_task = session_task
         self._stop: asyncio.Event | None = None
         self._broker_lost: str | None = None  # the error that ended the last session
+        self._broker = ""  # host:port of the broker of the current session
         self.reconnects = 0  # sessions that failed or ended on a broker error
 
     @property
@@ -98,7 +108,6 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, reconnecting with backoff whenever the broker is lost."""
-        failures = 0  # in a row: a session that got as far as consuming starts the count anew
         self._stop = stop
         while not stop.is_set():
             try:
@@ -106,12 +115,30 @@ class Worker:
             except BrokerError as exc:
                 self._status, self._broker_lost = "disconnected", str(exc)
                 self.reconnects += 1
-                failures = 1 if self._consumed else failures + 1
-                delay = self._reconnect_delays[min(failures, len(self._reconnect_delays)) - 1]
-                self._log.warning("broker unavailable", error=str(exc), retry_in_s=delay)
+                if self._consumed:
+                    self._backoff.reset()  # it worked until now: try again (elsewhere) at once
+                delay = self._backoff.next_delay()
+                self._report_outage(str(exc), delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         self._log.info("worker stopped")
+
+    def _report_outage(self, error: str, delay: float) -> None:
+        """A warning when the broker is first lost; the attempts after it at debug."""
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            self._log.warning("broker unavailable", error=error, retry_in_s=round(delay, 2))
+        else:
+            self._log.debug("broker still unavailable", error=error, retry_in_s=round(delay, 2))
+
+    def _report_recovery(self, connection: AbstractConnection) -> None:
+        url = getattr(connection, "url", None)  # aio-pika's Connection has one (yarl)
+        broker = f"{url.host}:{url.port}" if url is not None else ""
+        if self._outage_since is not None:
+            seconds = round(time.monotonic() - self._outage_since, 1)
+            self._log.info(f"broker reconnected after {seconds} s", broker=broker, outage_s=seconds)
+            self._outage_since = None
+        self._broker = broker
 
     async def _session(self, stop: asyncio.Event) -> None:
         self._consumed = False
@@ -121,6 +148,7 @@ class Worker:
             channel = await open_channel(connection, prefetch=self._concurrency)
             queue = await declare(channel, self.topology)
             self._broker_lost = None
+            self._report_recovery(connection)
             if self._session_task is not None:
                 watcher = asyncio.create_task(self._session_task(connection))
             handler = self._tracked(self._make_handler(channel))
@@ -133,6 +161,10 @@ class Worker:
             if watcher is not None:
                 watcher.cancel()
                 await asyncio.wait({watcher})
+            if self._in_flight and self._status == "disconnected":
+                # Let Vercel calls under way finish: what Vercel accepts is remembered, so its
+                # redelivery is acked without a second call (consumer/accepted.py).
+                await asyncio.wait(set(self._in_flight), timeout=LOST_GRACE)
             await self._abandon_in_flight()
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -153,7 +185,12 @@ class Worker:
             with broker_errors("starting the consumer"):
                 consumer_tag = await queue.consume(handler)
             self._status, self._consumed = "consuming", True
-            self._log.info("consuming", queue=self.topology.queue, concurrency=self._concurrency)
+            self._log.info(
+                "consuming",
+                queue=self.topology.queue,
+                concurrency=self._concurrency,
+                broker=self._broker,
+            )
             event = await _first_of(
                 stop=stop.wait(), lost=channel.closed(), tripped=self._breaker.tripped.wait()
             )
@@ -195,14 +232,15 @@ class Worker:
         return True
 
     def _tracked(self, handler: MessageHandler) -> MessageHandler:
+        """Each delivery in a task of ours: aiormq cancels its callbacks when the channel
+        closes, which would cut off a Vercel call that Vercel may already have accepted; ours
+        get `LOST_GRACE` to finish instead (see `_session`)."""
+
         async def tracked(message: AbstractIncomingMessage) -> None:
-            task = asyncio.current_task()
-            assert task is not None
+            task: asyncio.Task[None] = asyncio.ensure_future(handler(message))
             self._in_flight.add(task)
-            try:
-                await handler(message)
-            finally:
-                self._in_flight.discard(task)
+            task.add_done_callback(self._in_flight.discard)
+            await asyncio.shield(task)
 
         return tracked
 

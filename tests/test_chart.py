@@ -24,6 +24,7 @@ import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 
 from consumer.cli import _parser
@@ -44,7 +45,10 @@ ALL_ON: dict[str, Any] = {
     },
     "imagePullSecrets": [{"name": "regcred"}],
     "replicaCount": 3,
-    "amqp": {"url": "amqps://relay:s3cret@rabbitmq.example:5671/prod"},
+    "amqp": {
+        "url": "amqps://relay:s3cret@rabbitmq.example:5671/prod",
+        "tls": {"existingSecret": "relay-tls", "certKey": "tls.crt", "keyKey": "tls.key"},
+    },
     "tokens": {
         "installations": {"icfg_alpha": "tok_alpha", "icfg_beta": "tok_beta"},
         "fallback": {"token": "tok_fallback"},
@@ -441,6 +445,34 @@ def test_broker_url_and_tokens_come_from_the_charts_secrets(chart: helm.Chart) -
     assert not any("tok_" in json.dumps(obj) for obj in rendered.objects if obj["kind"] != "Secret")
 
 
+def test_broker_tls_files_are_mounted_from_a_secret_for_worker_and_job(
+    chart: helm.Chart,
+) -> None:
+    """amqp.tls.existingSecret mounts the CA, client certificate and key (only those keys) in
+    the worker and the DLQ replay Job, and points CONSUMER_AMQP_CAFILE/CERTFILE/KEYFILE at
+    them; without it there is no such volume or variable."""
+    rendered = render(chart, ALL_ON)
+    mount_path = "/etc/vercel-consumer/amqp-tls"
+    env = rendered.env()
+    assert env["CONSUMER_AMQP_CAFILE"] == f"{mount_path}/ca.crt"
+    assert env["CONSUMER_AMQP_CERTFILE"] == f"{mount_path}/tls.crt"
+    assert env["CONSUMER_AMQP_KEYFILE"] == f"{mount_path}/tls.key"
+    job = rendered.one("Job")["spec"]["template"]["spec"]
+    for pod, container in ((rendered.pod, rendered.worker), (job, job["containers"][0])):
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == "amqp-tls"]
+        assert (mount["mountPath"], mount["readOnly"]) == (mount_path, True)
+        [volume] = [v for v in pod["volumes"] if v["name"] == "amqp-tls"]
+        assert volume["secret"]["secretName"] == "relay-tls"
+        assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+        variables = {e["name"]: e.get("value") for e in container["env"]}
+        assert variables["CONSUMER_AMQP_CAFILE"] == f"{mount_path}/ca.crt"
+    plain = render(chart, merged(ALL_ON, {"amqp": {"tls": {"existingSecret": ""}}}))
+    assert "amqp-tls" not in json.dumps(plain.objects)
+    assert "CONSUMER_AMQP_CAFILE" not in plain.env()
+    ca_only = render(chart, {"amqp": {"tls": {"existingSecret": "ca"}}}).env()
+    assert "CONSUMER_AMQP_CERTFILE" not in ca_only
+
+
 def test_existing_secrets_are_referenced_not_created(chart: helm.Chart) -> None:
     """With existingSecret values the pods read those Secrets and the chart makes none of them."""
     rendered = render(chart, EXISTING_SECRETS)
@@ -521,6 +553,7 @@ CONFIG_VARIABLES = {
     "maxRedeliveries": ("CONSUMER_MAX_REDELIVERIES", 4, "4"),
     "maxBodyBytes": ("CONSUMER_MAX_BODY_BYTES", 1048576, "1048576"),
     "shutdownTimeout": ("CONSUMER_SHUTDOWN_TIMEOUT", 40, "40"),
+    "confirmTimeout": ("CONSUMER_CONFIRM_TIMEOUT", 12.5, "12.5"),
     "breakerFailureRatio": ("CONSUMER_BREAKER_FAILURE_RATIO", 0.5, "0.5"),
     "breakerWindow": ("CONSUMER_BREAKER_WINDOW", 20, "20"),
     "breakerProbeDelays": ("CONSUMER_BREAKER_PROBE_DELAYS", [3, 60], "3,60"),
@@ -534,7 +567,14 @@ CONFIG_VARIABLES = {
     "logLevel": ("CONSUMER_LOG_LEVEL", "debug", "debug"),
 }
 # Set by the chart from other values rather than from `config`.
-CHART_MANAGED = {"CONSUMER_AMQP_URL", "CONSUMER_VERCEL_TOKEN", "CONSUMER_VERCEL_TOKENS_DIR"}
+CHART_MANAGED = {
+    "CONSUMER_AMQP_URL",
+    "CONSUMER_AMQP_CAFILE",
+    "CONSUMER_AMQP_CERTFILE",
+    "CONSUMER_AMQP_KEYFILE",
+    "CONSUMER_VERCEL_TOKEN",
+    "CONSUMER_VERCEL_TOKENS_DIR",
+}
 
 
 def documented_settings() -> set[str]:
@@ -579,6 +619,13 @@ def test_rendered_settings_are_accepted_by_the_worker(
             value = rendered.secret_value(ref["name"], ref["key"])
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CONSUMER_VERCEL_TOKENS_DIR", str(tmp_path))  # the mount, here
+    ca = trustme.CA()  # the TLS Secret's files, here
+    client = ca.issue_cert("relay@example.test")
+    pems = {"CAFILE": ca.cert_pem, "CERTFILE": client.cert_chain_pems[0]}
+    pems["KEYFILE"] = client.private_key_pem
+    for name, pem in pems.items():
+        pem.write_to_path(str(tmp_path / name))
+        monkeypatch.setenv(f"CONSUMER_AMQP_{name}", str(tmp_path / name))
     settings = load_settings()
     assert settings.amqp_url.get_secret_value() == ALL_ON["amqp"]["url"]
     assert settings.retry_delays == (1, 5, 30, 120, 600, 1800)
@@ -625,19 +672,27 @@ def test_schema_bounds_match_the_worker_settings() -> None:
     assert compared >= 10
 
 
-def test_config_or_broker_change_rolls_pods_but_a_token_change_does_not(chart: helm.Chart) -> None:
-    """Checksums in the pod template change with the config or broker URL, not with tokens."""
+def test_a_config_change_rolls_pods_and_no_secret_leaves_a_hash_behind(chart: helm.Chart) -> None:
+    """The config checksum in the pod template changes with the config. Nothing in the pod
+    template is derived from a Secret: an unsalted SHA-256 of the broker URL used to be there
+    (`checksum/secret`), readable by anyone who may read pods, and enough to check a guessed
+    password offline. So a new URL or token leaves the template as it was (restart by hand)."""
 
-    def annotations(values: dict[str, Any]) -> dict[str, str]:
-        template = render(chart, values).one("Deployment")["spec"]["template"]
-        return dict(template["metadata"]["annotations"])
+    def template(values: dict[str, Any]) -> dict[str, Any]:
+        return dict(render(chart, values).one("Deployment")["spec"]["template"])
 
-    base = annotations({})
-    assert annotations({"config": {"concurrency": 8}})["checksum/config"] != base["checksum/config"]
-    new_url = annotations({"amqp": {"url": "amqp://relay:other@rabbitmq:5672/"}})
-    assert new_url["checksum/secret"] != base["checksum/secret"]
+    base = template({})
+    changed = template({"config": {"concurrency": 8}})
+    annotations = base["metadata"]["annotations"]
+    assert changed["metadata"]["annotations"]["checksum/config"] != annotations["checksum/config"]
+    assert "checksum/secret" not in annotations
+    url = "amqp://relay:0ther-s3cret@rabbitmq:5672/"
+    with_url = template({"amqp": {"url": url}, "tokens": {"fallback": {"token": "tok_fb"}}})
+    assert with_url == template({"tokens": {"fallback": {"token": "tok_other"}}})
+    secret = render(chart, {"amqp": {"url": url}}).one("Secret", FULLNAME)
+    assert secret["data"]["amqp-url"] not in json.dumps(with_url)
     # Tokens are files the worker re-reads: rotating one needs no restart.
-    assert annotations({"tokens": {"installations": {"icfg_x": "tok_x"}}}) == base
+    assert template({"tokens": {"installations": {"icfg_x": "tok_x"}}}) == base
 
 
 # ── values.schema.json ───────────────────────────────────────────────────────────────────────
@@ -654,6 +709,8 @@ BAD_VALUES = {
     "health port 0": {"config": {"healthPort": 0}},
     "unknown log level": {"config": {"logLevel": "verbose"}},
     "non-amqp broker URL": {"amqp": {"url": "http://rabbitmq:15672"}},
+    "relative TLS mount": {"amqp": {"tls": {"mountPath": "amqp-tls"}}},
+    "TLS key with a slash": {"amqp": {"tls": {"caKey": "certs/ca.crt"}}},
     "token with whitespace": {"tokens": {"installations": {"icfg_a": "tok a"}}},
     "installation id unfit for a file name": {"tokens": {"installations": {"icfg/a": "tok"}}},
     "relative tokens mount": {"tokens": {"mountPath": "tokens"}},
@@ -809,13 +866,17 @@ def test_dlq_replay_arguments_parse_with_the_cli(chart: helm.Chart) -> None:
 
 
 def test_dlq_replay_job_is_renamed_only_when_its_settings_change(chart: helm.Chart) -> None:
-    """Same settings keep the (finished) Job; new filters or a new runId make a new one."""
+    """Same settings keep the (finished) Job; new filters, a new runId or a new pod template
+    (image, resources) make a new one."""
 
     def job_name(extra: dict[str, Any]) -> str:
         return render(chart, merged(ALL_ON, extra)).one("Job")["metadata"]["name"]
 
     first = job_name({})
     assert job_name({"replicaCount": 7, "config": {"logLevel": "debug"}}) == first
+    # Its pod template is immutable: `helm upgrade` to a new image used to fail on the old Job.
+    assert job_name({"image": {"tag": "9.9.9"}}) != first
+    assert job_name({"dlqReplay": {"resources": {"limits": {"memory": "1Gi"}}}}) != first
     assert job_name({"dlqReplay": {"filters": {"reason": "retries_exhausted"}}}) != first
     assert job_name({"dlqReplay": {"runId": "2"}}) != first
     assert len(job_name({"fullnameOverride": "x" * 63})) <= 63

@@ -24,6 +24,9 @@ LAYERS = {
     "dlq.export": 2,
     "ackrun": 2,
     "coalesce": 2,
+    "amqpurl": 0,
+    "backoff": 0,
+    "accepted": 0,
     "tokens": 3,
     "vercel": 3,
     "topology": 3,
@@ -47,6 +50,9 @@ LAYERS = {
     "__main__": 7,
 }
 PURE = (
+    "amqpurl",
+    "backoff",
+    "accepted",
     "contract",
     "translate",
     "retry",

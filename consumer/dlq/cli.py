@@ -156,7 +156,7 @@ def _dead_letter_queue(settings: Settings) -> str:
 def _dlq_session(args: argparse.Namespace, settings: Settings) -> Any:
     """The DLQ's lock and one pass over it, for this command."""
     return locked_session(
-        settings.amqp_url.get_secret_value(),
+        settings.broker_urls(),
         _dead_letter_queue(settings),
         wait=args.wait,
         name=f"{connection_name()} dlq",
@@ -241,7 +241,7 @@ async def _dlq_purge(args: argparse.Namespace, settings: Settings) -> None:
 async def _dlq_import(args: argparse.Namespace, settings: Settings) -> None:
     records = read_export(args.file)
     summary = await import_export(
-        settings.amqp_url.get_secret_value(),
+        settings.broker_urls(),
         _dead_letter_queue(settings),
         records,
         skip=args.skip,

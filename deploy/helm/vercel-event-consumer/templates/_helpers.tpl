@@ -107,6 +107,48 @@ app.kubernetes.io/component: worker
     secretKeyRef:
       name: {{ include "vec.amqpSecretName" . }}
       key: {{ include "vec.amqpSecretKey" . }}
+{{- with .Values.amqp.tls }}
+{{- if .existingSecret }}
+- name: CONSUMER_AMQP_CAFILE
+  value: {{ printf "%s/%s" .mountPath .caKey | quote }}
+{{- if .certKey }}
+- name: CONSUMER_AMQP_CERTFILE
+  value: {{ printf "%s/%s" .mountPath .certKey | quote }}
+{{- end }}
+{{- if .keyKey }}
+- name: CONSUMER_AMQP_KEYFILE
+  value: {{ printf "%s/%s" .mountPath .keyKey | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The broker TLS Secret's volume mount (nothing without amqp.tls.existingSecret). */}}
+{{- define "vec.amqpTlsMount" -}}
+{{- with .Values.amqp.tls }}
+{{- if .existingSecret }}
+- name: amqp-tls
+  mountPath: {{ .mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The broker TLS Secret as a volume: only the keys named in values. */}}
+{{- define "vec.amqpTlsVolume" -}}
+{{- with .Values.amqp.tls }}
+{{- if .existingSecret }}
+- name: amqp-tls
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 0440
+    items:
+      {{- range compact (list .caKey .certKey .keyKey) }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Comma-separated seconds from a list of numbers. */}}

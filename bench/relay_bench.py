@@ -334,6 +334,7 @@ async def paced_latency(run: Run, rate: float) -> Latency:
     channel = await run.admin.channel()
     await (await channel.get_queue(run.topology.queue)).purge()  # what a sample left behind
     await channel.close()
+    await finished_in_flight(run)
     paced_rate = max(1.0, rate * run.options.paced_share)
     count = max(10, int(paced_rate * run.options.paced_seconds))
     indexes = range(PACED_FIRST_INDEX, PACED_FIRST_INDEX + count)
@@ -346,6 +347,17 @@ async def paced_latency(run: Run, rate: float) -> Latency:
             return replace(latency_of(arrivals, sent_at), rate=paced_rate)
         watchdog.check(len(arrivals))
         await asyncio.sleep(0.2)
+
+
+async def finished_in_flight(run: Run) -> None:
+    """Wait until the contender has done the deliveries it still held (a sample's window closes
+    with up to C in flight: at C = 1000 and 200 ms, seconds of work the paced stream would
+    otherwise queue behind): until the simulator's count stops moving for a while."""
+    quiet = max(0.5, 3 * run.options.latency_ms / 1000)
+    last = -1
+    while (count := await run.sim.accepted()) != last:
+        last = count
+        await asyncio.sleep(quiet)
 
 
 def latency_of(arrivals: Sequence[tuple[str | None, float]], sent_at: dict[int, float]) -> Latency:

@@ -491,10 +491,17 @@ def warnings(results: Sequence[Result]) -> list[str]:
 
 def target_lines(found: Sequence[Target]) -> list[str]:
     return [
-        f"{'met    ' if t.met else 'NOT MET'} {t.name}: {t.actual:.0f} {t.unit}"
-        f" (goal {'<' if t.unit == 'MB' else '>='} {t.goal:.0f})"
+        f"{'met    ' if t.met else 'NOT MET'} {t.name}: {_figure(t.actual)} {t.unit}"
+        f" (goal {UPPER_BOUNDS.get(t.unit, '>=')} {_figure(t.goal)})"
         for t in found
     ]
+
+
+UPPER_BOUNDS = {"MB": "<", "ms": "<="}  # targets in these units are ceilings, the rest floors
+
+
+def _figure(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 1 else f"{value:.0f}"
 
 
 def machine_info() -> dict[str, Any]:

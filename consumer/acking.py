@@ -91,6 +91,8 @@ class Acker:
                 await message.ack(multiple=multiple)
         except BrokerError as exc:
             error = exc
+        except Exception as exc:  # noqa: BLE001 - a waiter left hanging would hold its slot
+            error = BrokerError(f"acking failed: {type(exc).__name__}: {exc}")
         for tag in tags:
             self._messages.pop(tag, None)
             waiter = self._waiters.pop(tag, None)

@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from consumer.contract import example_event
 from consumer.publish.publisher import EventPublisher
-from consumer.topology import Topology, connect, declare, open_channel
+from consumer.topology import Topology, connect, declare
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 INSTALLATION = "icfg_bench"
@@ -340,9 +340,10 @@ def event_index(resource_id: str | None) -> int:
 
 @contextlib.asynccontextmanager
 async def event_publisher(exchange: str) -> AsyncIterator[EventPublisher]:
-    async with await bench_connection() as connection:
-        channel = await open_channel(connection)  # publisher confirms
-        yield EventPublisher(connection, await channel.get_exchange(exchange))
+    async with await EventPublisher.connect(
+        AMQP_URL, exchange=exchange, name=CONNECTION_NAME
+    ) as publisher:
+        yield publisher
 
 
 async def preload(exchange: str, indexes: range, sent_at: dict[int, float]) -> float:

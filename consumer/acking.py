@@ -44,6 +44,10 @@ class Acker:
         """Note a delivery as it arrives (in the channel's order)."""
         self._run.received(_tag(message))
 
+    def awaiting_outcome(self, message: AbstractIncomingMessage) -> bool:
+        """False once `message` completed (its ack is queued or sent) or was released."""
+        return self._run.awaiting(_tag(message))
+
     def released(self, message: AbstractIncomingMessage) -> None:
         """The delivery was settled without an ack (rejected back to the queue)."""
         self._run.released(_tag(message))

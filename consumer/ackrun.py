@@ -50,6 +50,10 @@ class AckRun:
             raise ValueError(f"delivery tag {tag} was seen before")
         self._states[tag] = TagState.RECEIVED
 
+    def awaiting(self, tag: int) -> bool:
+        """Whether `tag` was received and has no outcome yet (neither completed nor released)."""
+        return self._states.get(tag) is TagState.RECEIVED
+
     def completed(self, tag: int) -> None:
         self._move(tag, TagState.COMPLETED)
 

@@ -145,12 +145,12 @@ async def serve(settings: Settings) -> None:
     tracer, tracing = tracer_from_environ(os.environ, api_url=settings.vercel_api_url)
     worker = build_worker(settings, vercel, log, metrics, tracer)
     stop = asyncio.Event()
-    _install_signal_handlers(stop, log)
+    install_signal_handlers(stop, log)
     log.info(
         "starting",
         version=__version__,
         amqp_url=settings.amqp_url_redacted,
-        vercel_api_url=settings.vercel_api_url,
+        vercel_api_url=settings.vercel_api_url_redacted,
         queue=settings.queue,
         concurrency=settings.concurrency,
         tracing=tracing,
@@ -189,7 +189,7 @@ async def start_health(
     return health
 
 
-def _install_signal_handlers(stop: asyncio.Event, log: Any) -> None:
+def install_signal_handlers(stop: asyncio.Event, log: Any) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:

@@ -1,12 +1,14 @@
 """`vercel-consumer`: argument parsing; with consumer/dlq/cli.py the only place that reads
 settings (consumer/app.py wires the parts).
 
-Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (one domain event),
-`schema` (print the contract's JSON Schema), and `dlq stats|list|replay|purge|import`
+Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (domain events),
+`schema` (print the contract's JSON Schema), `asyncapi` (its AsyncAPI 3.0 document), and
+`dlq stats|list|replay|purge|import`
 (dead-letter operations: their commands are in consumer/dlq/cli.py, the mechanics in
-consumer/dlq/ops.py, the runbook in docs/operations.md). Bad configuration or input ends with one
-line on stderr and exit status 2; an unreachable broker, a missing queue or a failed operation
-with exit status 1.
+consumer/dlq/ops.py, the runbook in docs/operations.md), and `outbox init|sql|relay` (the
+transactional outbox: consumer/outbox/cli.py, docs/outbox.md). Bad configuration or input ends
+with one line on stderr and exit status 2; an unreachable broker or database, a missing queue or
+a failed operation with exit status 1.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import uuid
 from collections.abc import Sequence
@@ -22,12 +25,21 @@ from typing import Any
 
 from consumer import __version__
 from consumer.app import serve
-from consumer.contract import example_event, json_schema
+from consumer.asyncapi import document, to_yaml
+from consumer.contract import example_event, json_schema, parse_event
 from consumer.dlq.cli import add_dlq_parser
-from consumer.errors import BrokerError, ConfigError, ContractError
+from consumer.errors import (
+    BrokerError,
+    ConfigError,
+    ContractError,
+    DatabaseError,
+    PublishBatchError,
+)
 from consumer.logs import configure_logging
+from consumer.outbox.cli import add_outbox_parser
 from consumer.publish.publisher import EventPublisher
 from consumer.settings import Settings, load_settings
+from consumer.topology import Topology
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -36,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.command(args)
     except (ConfigError, ContractError) as exc:
         _fail(str(exc), status=2)
-    except BrokerError as exc:
+    except (BrokerError, DatabaseError) as exc:
         _fail(str(exc), status=1)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -60,8 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_sim_parser(commands)
     _add_publish_parser(commands)
     add_dlq_parser(commands)
+    add_outbox_parser(commands)
     schema = commands.add_parser("schema", help="print the message contract's JSON Schema")
     schema.set_defaults(command=lambda _: print(json.dumps(json_schema(), indent=2)))
+    _add_asyncapi_parser(commands)
     return parser
 
 
@@ -100,6 +114,8 @@ def sim_command(args: argparse.Namespace) -> None:
         serve as serve_simulator,  # only this command needs the server
     )
 
+    if not (math.isfinite(args.latency_ms) and args.latency_ms >= 0):
+        raise ConfigError("--latency-ms must be a finite number of milliseconds, at least 0")
     tokens = dict(_split_pair(pair) for pair in args.token)
     coroutine = serve_simulator(
         args.host, args.port, tokens, args.tokens_dir, args.latency_ms / 1000
@@ -117,6 +133,21 @@ def _split_pair(pair: str) -> tuple[str, str]:
     return name, value
 
 
+def _add_asyncapi_parser(commands: Any) -> None:
+    asyncapi = commands.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of the message contract (YAML)"
+    )
+    defaults = Settings.model_fields
+    asyncapi.add_argument("--exchange", default=defaults["exchange"].default)
+    asyncapi.add_argument("--queue", default=defaults["queue"].default)
+    asyncapi.set_defaults(command=asyncapi_command)
+
+
+def asyncapi_command(args: argparse.Namespace) -> None:
+    topology = Topology(exchange=args.exchange, queue=args.queue, retry_tiers_ms=())
+    print(to_yaml(document(topology)), end="")
+
+
 # ── publish ──────────────────────────────────────────────────────────────────────────────────
 
 
@@ -127,7 +158,7 @@ def _add_publish_parser(commands: Any) -> None:
         description="Build an event from the options, or give the whole JSON body with --body.",
     )
     publish.add_argument(
-        "type", nargs="?", default="resource.updated", help="e.g. resource.renamed"
+        "type", nargs="?", help="e.g. resource.renamed (required unless --body is given)"
     )
     publish.add_argument("--installation", default="icfg_demo", help="installation_id")
     publish.add_argument("--resource", help="resource_id (resource.* events)")
@@ -143,11 +174,29 @@ def _add_publish_parser(commands: Any) -> None:
 
 
 def publish_command(args: argparse.Namespace) -> None:
+    """Publish the events pipelined (`publish_many`): all confirmed, or exit 1 after listing
+    those that were."""
+    if not (args.type or args.body):
+        # The exchange may be production's: nothing is sent unless the operator says what.
+        raise ConfigError("publish needs the event's type (e.g. resource.renamed) or --body")
     settings = load_settings()
     events = [_event_from_args(args) for _ in range(max(args.count, 1))]
-    asyncio.run(_publish(settings, events, validate=not args.no_validate))
-    for event in events:
-        print(f"published {event.get('type')} {event.get('id')}")
+    if not args.no_validate:
+        for event in events:  # every event checked before any is published (exit 2)
+            body = json.dumps(event).encode()
+            parse_event(body, max_bytes=len(body))
+    try:
+        asyncio.run(_publish(settings, events))
+    except PublishBatchError as exc:
+        _print_published(exc.confirmed, events)
+        raise
+    _print_published([str(event.get("id")) for event in events], events)
+
+
+def _print_published(ids: list[str], events: list[dict[str, Any]]) -> None:
+    types = {str(event.get("id")): event.get("type") for event in events}
+    for event_id in ids:
+        print(f"published {types[event_id]} {event_id}")
 
 
 def _event_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,8 +218,7 @@ def _event_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return example_event(args.type, **fields)
 
 
-async def _publish(settings: Settings, events: list[dict[str, Any]], *, validate: bool) -> None:
+async def _publish(settings: Settings, events: list[dict[str, Any]]) -> None:
     url = settings.broker_urls()
     async with await EventPublisher.connect(url, exchange=settings.exchange) as publisher:
-        for event in events:
-            await publisher.publish(event, validate=validate)
+        await publisher.publish_many(events, validate=False)

@@ -31,6 +31,10 @@ SCHEMA_ID = "https://vercel-event-consumer.local/schemas/event.v1.schema.json"
 # A verb is one or more dot-separated words: resource.renamed, resource.status.changed.
 _VERB = r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*"
 _Id = Annotated[str, Field(min_length=1, max_length=256)]
+# Vercel's installation ids look like `icfg_…`; the id becomes one URL path segment and a token
+# file's name, so only characters that are the same in both, and never `.` or `..`, are allowed.
+INSTALLATION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+_InstallationId = Annotated[str, Field(pattern=INSTALLATION_ID_PATTERN)]
 
 
 class _EventBase(BaseModel):
@@ -38,7 +42,10 @@ class _EventBase(BaseModel):
 
     id: _Id = Field(description="Unique per event; also the AMQP message_id.")
     occurred_at: AwareDatetime = Field(description="RFC 3339 timestamp with an offset.")
-    installation_id: _Id = Field(description="Vercel's integrationConfigurationId.")
+    installation_id: _InstallationId = Field(
+        description="Vercel's integrationConfigurationId, such as icfg_3kX9a: ASCII letters,"
+        " digits, '_' and '-', at most 128."
+    )
     data: dict[str, Any] | None = Field(None, description="Free-form; ignored by the relay.")
 
 

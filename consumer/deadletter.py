@@ -99,9 +99,11 @@ ORIGIN_HEADERS = (ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, ORIGINAL_USER_ID)
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
     """Attempts recorded by earlier retries; 0 for a fresh (or tampered-with) message."""
     value = (headers or {}).get(ATTEMPTS)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000:
-        return value
-    return 0
+    return value if isinstance(value, int) and _is_count(value) else 0
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000
 
 
 def trusted_headers(message: AbstractIncomingMessage, now: datetime) -> HeadersType:
@@ -109,7 +111,10 @@ def trusted_headers(message: AbstractIncomingMessage, now: datetime) -> HeadersT
     headers: HeadersType = dict(message.headers or {})
     through_default_exchange = not message.exchange
     kept = set(ORIGIN_HEADERS) if through_default_exchange else set()
-    if through_default_exchange and attempts_made(headers) > 0 and _in_the_past(headers, now):
+    # Our count, even 0: a message only deferred so far (a rate limit) has spent no attempt,
+    # and its first-attempt-at is what ages it out (CONSUMER_MAX_RETRY_AGE).
+    counted = _is_count(headers.get(ATTEMPTS))
+    if through_default_exchange and counted and _in_the_past(headers, now):
         kept.update((ATTEMPTS, FIRST_ATTEMPT_AT))
     return {k: v for k, v in headers.items() if k not in RELAY_HEADERS or k in kept}
 

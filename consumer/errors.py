@@ -7,9 +7,18 @@ they are mapped here, at the edge, so that the handler decides on our types alon
 ConsumerError
 ├── ConfigError              bad settings at start-up → one clear message, exit 2
 ├── BrokerError              broker unreachable, publish nacked, unroutable or unconfirmed
+│   └── PublishError         EventPublisher: one publish did not end confirmed
+│       ├── PublishUnroutable    returned: no queue is bound for its routing key
+│       ├── PublishNotConfirmed  nacked by the broker, or the publisher was closed first
+│       │   └── PublishTimeout   no confirm within the timeout, reconnects included: it may
+│       │                        or may not be queued, so publish it again (same id)
+│       └── PublishBatchError    publish_many: some of a batch failed; says which confirmed
+├── DatabaseError            the outbox's PostgreSQL unreachable or a statement failed
 └── DeliveryError            one message could not be delivered; `reason` says what follows
     ├── ContractError        the message can never succeed → dead letter (invalid_message)
     ├── CredentialsError     no token for the installation → dead letter (no_credentials)
+    │   └── TokenFileError   its token file is broken (detail says how) → same, no fallback
+    ├── TokenUnavailable     its token file could not be read now (EMFILE, EIO) → retry
     ├── RedeliveryLimit      the broker redelivered it too often: it may be what keeps killing
     │                        the worker → dead letter unprocessed (redelivery_limit)
     └── VercelError(status)  Vercel said no, or could not be reached
@@ -54,6 +63,46 @@ class BrokerError(ConsumerError):
     """RabbitMQ could not be reached, or did not confirm a publish we depend on."""
 
 
+class PublishError(BrokerError):
+    """One publish of `event_id` did not end confirmed by the broker."""
+
+    def __init__(self, detail: str, *, event_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.event_id = event_id
+
+
+class PublishUnroutable(PublishError):
+    """The broker returned the message: no queue is bound to its routing key. Not queued."""
+
+
+class PublishNotConfirmed(PublishError):
+    """The broker nacked the publish, or the publisher was closed before it confirmed."""
+
+
+class PublishTimeout(PublishNotConfirmed):
+    """No confirm within the publish timeout, reconnects included. The message may or may
+    not be queued: publish it again with the same id (consumers are at-least-once)."""
+
+
+class PublishBatchError(PublishError):
+    """Some events of a `publish_many` batch were not confirmed. `confirmed` lists the ids
+    that were (in batch order), `failures` each other event's id and its error; every event
+    of the batch is in exactly one of the two."""
+
+    def __init__(self, confirmed: list[str], failures: list[tuple[str, ConsumerError]]) -> None:
+        first = failures[0][1] if failures else None
+        super().__init__(
+            f"{len(failures)} of {len(confirmed) + len(failures)} events not confirmed"
+            + (f" (first: {first})" if first else "")
+        )
+        self.confirmed = confirmed
+        self.failures = failures
+
+
+class DatabaseError(ConsumerError):
+    """The outbox's PostgreSQL could not be reached, or a statement on it failed."""
+
+
 class DeliveryError(ConsumerError):
     """One message could not be delivered. `reason` is the dead letter it leads to, or None
     where the failure is transient and the message is to be retried."""
@@ -76,6 +125,16 @@ class CredentialsError(DeliveryError):
     """No access token is configured for the message's installation."""
 
     reason = Reason.NO_CREDENTIALS
+
+
+class TokenFileError(CredentialsError):
+    """The installation's token file exists but is unusable (empty, a byte-order mark, inner
+    whitespace, not a regular file, unreadable): never replaced by the fallback token."""
+
+
+class TokenUnavailable(DeliveryError):
+    """The token file could not be read right now (out of file descriptors or memory, an I/O
+    error): retried, never mistaken for a missing token."""
 
 
 class RedeliveryLimit(DeliveryError):

@@ -9,6 +9,9 @@ header is forwarded to Vercel and its trace id logged; with OTEL_* set, each del
 Vercel call is also a span (consumer/otel.py), and the call's own context is forwarded.
 Everything it needs is built once and passed in; nothing is constructed per message.
 
+The body is our contract's, or a CloudEvent in either content mode (consumer/cloudevents.py),
+whose attributes join the log line as `ce_*` fields.
+
 Before sending, a message waits for its installation's rate limit and the global one: a short
 wait is held in place, a longer one is deferred to a retry tier (without spending an attempt)
 so that it does not hold a consumer slot the other installations need. Every Vercel call is
@@ -33,9 +36,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from consumer.accepted import AcceptedMemory
 from consumer.acking import Acker
 from consumer.breaker import CircuitBreaker
+from consumer.cloudevents import parse_message
 from consumer.coalesce import Coalescer
 from consumer.coalescing import CoalescedSend
-from consumer.contract import Event, parse_event
+from consumer.contract import Event
 from consumer.deadletter import (
     Republisher,
     attempts_made,
@@ -115,24 +119,29 @@ class Handler:
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         if self._acker is not None:
             self._acker.received(message)
-        attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
-        with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* turns tracing on
-            await self._handle(message, attempts)
+        fields: dict[str, Any] = {"event_id": message.message_id}
+        try:
+            attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
+            with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* sets tracing
+                await self._handle(message, attempts, fields)
+        except Exception as exc:  # noqa: BLE001 - last resort: the slot and the message go back
+            self._log.exception("unexpected error outside delivery handling", **fields)
+            await self._hand_back(message, exc, fields)
 
-    async def _handle(self, message: AbstractIncomingMessage, attempts: int) -> None:
-        fields: dict[str, Any] = {
-            "event_id": message.message_id,
-            "routing_key": message.routing_key,
-            "attempt": attempts,
-        }
+    async def _handle(
+        self, message: AbstractIncomingMessage, attempts: int, fields: dict[str, Any]
+    ) -> None:
+        fields.update(routing_key=message.routing_key, attempt=attempts)
         trace_headers = self._trace_headers(message, fields)
         if "trace_id" not in fields and (trace_id := self._tracer.trace_id()):
             fields["trace_id"] = trace_id  # the trace this delivery's spans started
         started = time.perf_counter()
         try:
             self._check_redeliveries(message)
-            event = parse_event(message.body, max_bytes=self._max_body_bytes)
-            fields.update(_event_fields(event))
+            event, cloudevent = parse_message(
+                message.headers, message.content_type, message.body, max_bytes=self._max_body_bytes
+            )
+            fields.update(_event_fields(event), **cloudevent)
             if message.redelivered and self._accepted.holds(event.id, message.body):
                 await self._skip_accepted(message, fields)
                 return
@@ -193,8 +202,11 @@ class Handler:
             # A 4xx comes from a Vercel that is up; only transient failures point to an outage.
             self._breaker.record(installation, failed=isinstance(error, VercelUnavailable))
             raise
-        self._breaker.record(installation, failed=False)
-        self._limits.observe(installation, delivered.quota)
+        try:
+            self._breaker.record(installation, failed=False)
+            self._limits.observe(installation, delivered.quota)
+        except Exception:  # noqa: BLE001 - delivered is delivered: a retry would duplicate it
+            self._log.exception("could not record a delivery", installation_id=installation)
         return delivered
 
     async def _call_vercel(
@@ -231,10 +243,11 @@ class Handler:
         attempts: int,
         fields: dict[str, Any],
     ) -> None:
-        now = datetime.now(UTC)
-        age = retry_age(trusted_headers(message, now), now)
-        decision = self._policy.decide(error, attempts, age=age, counted=not self._breaker.is_open)
         try:
+            now = datetime.now(UTC)
+            age = retry_age(trusted_headers(message, now), now)
+            counted = not self._breaker.is_open
+            decision = self._policy.decide(error, attempts, age=age, counted=counted)
             if isinstance(decision, DeadLetter):
                 await self._republisher.dead_letter(message, decision)
                 fields.update(reason=decision.reason.value, detail=decision.detail)
@@ -245,7 +258,7 @@ class Handler:
                 # Deferred: waits without spending an attempt (rate limit, open circuit).
                 outcome = "retried" if decision.attempts == attempts else "deferred"
                 reason = retry_cause(error)
-        except Exception as exc:  # noqa: BLE001 - BrokerError, or a header that will not encode
+        except Exception as exc:  # noqa: BLE001 - BrokerError, a header that will not encode, a bug
             await self._hand_back(message, exc, fields)
             return
         self._metrics.outcome(outcome, fields.get("type"), reason)
@@ -295,11 +308,13 @@ class Handler:
             **fields,
         )
         await asyncio.sleep(REPUBLISH_BACKOFF)  # do not spin on a broker that refuses us
+        if self._acker is not None and not self._acker.awaiting_outcome(message):
+            return  # its outcome is durable and its ack under way: a reject would contradict it
         try:
             with broker_errors("rejecting"):
                 await message.reject(requeue=True)
-        except BrokerError:
-            pass  # channel closed: the broker requeues everything unacked on it anyway
+        except Exception:  # noqa: BLE001, S110 - channel closed (the broker requeues everything
+            pass  # unacked on it anyway), or the message was settled already
         else:
             if self._acker is not None:
                 self._acker.released(message)  # settled: no longer blocks a run of acks

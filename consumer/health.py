@@ -4,10 +4,17 @@
   when it has been stalling (see `LoopMonitor`).
 - `GET /readyz`: 200 `{"ready": true}` when connected to the broker and consuming; otherwise
   503 `{"ready": false, "reason": …}` (starting, disconnected, shutting_down, circuit_open).
-- `GET /metrics`: the `Metrics` registry, in Prometheus' text format or OpenMetrics as the
-  scraper asks (prometheus_client's own aiohttp handler).
+- `GET /metrics`: the `Metrics` registry (or the outbox relay's), in Prometheus' text format
+  or OpenMetrics as the scraper asks (prometheus_client's own aiohttp handler).
 
 It runs in the worker's event loop and logs no request: probes come every few seconds.
+
+It is hardened against idle or slow clients (slowloris) on the pod network: a connection that
+has not sent a whole request within `idle_timeout` (5 s) is closed, and beyond
+`max_connections` (64) open connections the oldest are closed first, so a flood can neither
+exhaust the worker's file descriptors (its token files need them) nor crowd out a fresh probe,
+which sends its request at once. When the process does run out of descriptors, asyncio's
+accept error is logged once a minute without its traceback, not hundreds of times a second.
 """
 
 from __future__ import annotations
@@ -15,14 +22,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from consumer.metrics import Metrics
+from consumer.logs import get_logger
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
+IDLE_TIMEOUT = 5.0  # seconds a connection may sit without a complete request (probes: ms)
+MAX_CONNECTIONS = 64  # open at once; beyond, the oldest are closed
+ACCEPT_ERROR_EVERY = 60.0  # seconds between two log lines about failing accepts
+_PUBLIC_READINESS = frozenset({"status", "reason", "circuit"})
+
+
+class Served(Protocol):
+    """What the endpoint serves: the worker's `Metrics`, or the outbox relay's."""
+
+    registry: CollectorRegistry
+    event_loop_lag: Gauge
 
 
 class LoopMonitor:
@@ -90,8 +109,16 @@ class HealthServer:
     """Serves /livez, /readyz and /metrics; `start()` it, and `stop()` it after the worker."""
 
     def __init__(
-        self, readiness: Readiness, metrics: Metrics, monitor: LoopMonitor | None = None
+        self,
+        readiness: Readiness,
+        metrics: Served,
+        monitor: LoopMonitor | None = None,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
         self._readiness = readiness
         self._metrics = metrics
         self.monitor = monitor or LoopMonitor()
@@ -108,8 +135,18 @@ class HealthServer:
 
     async def start(self, host: str, port: int) -> str:
         """Listen on host:port (0: a free port); return the base URL. OSError if it cannot."""
-        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            self._app(),
+            access_log=None,
+            shutdown_timeout=1.0,
+            # aiohttp arms this timer when a connection opens and again after each answer: it
+            # is also the limit for receiving a request's headers.
+            keepalive_timeout=self._idle_timeout,
+        )
         await runner.setup()
+        assert runner.server is not None
+        _shed_oldest_beyond(runner.server, self._max_connections)
+        _quiet_accept_errors(asyncio.get_running_loop())
         try:
             site = web.TCPSite(runner, host, port)
             await site.start()
@@ -121,6 +158,12 @@ class HealthServer:
         self.url = f"http://{_host_in_url(bound[0])}:{bound[1]}"
         self._heartbeat = asyncio.create_task(self.monitor.run(self._metrics.event_loop_lag.set))
         return self.url
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open to the endpoint right now."""
+        server = self._runner.server if self._runner is not None else None
+        return sum(1 for h in server.connections if h.transport is not None) if server else 0
 
     async def stop(self) -> None:
         if self._heartbeat is not None:
@@ -136,7 +179,47 @@ class HealthServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready, details = self._readiness()
-        return web.json_response({"ready": ready, **details}, status=200 if ready else 503)
+        # Reason codes only: the broker's error (its host, an auth failure) is in the log, not
+        # for anyone on the pod network to read.
+        public = {key: value for key, value in details.items() if key in _PUBLIC_READINESS}
+        return web.json_response({"ready": ready, **public}, status=200 if ready else 503)
+
+
+def _shed_oldest_beyond(server: web.Server, limit: int) -> None:
+    """Close the oldest connections whenever more than `limit` are open."""
+    track = server.connection_made
+
+    def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        track(handler, transport)
+        open_handlers = [h for h in server.connections if h.transport is not None]
+        for oldest in open_handlers[: max(0, len(open_handlers) - limit)]:
+            oldest.force_close()
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log asyncio's 'accept() out of system resource' (EMFILE) once a minute, without the
+    traceback it carries each time; every other loop error goes where it went before."""
+    previous = loop.get_exception_handler()
+    last_logged = -ACCEPT_ERROR_EVERY
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal last_logged
+        if not str(context.get("message", "")).startswith("socket.accept() out of system"):
+            if previous is None:
+                loop.default_exception_handler(context)
+            else:
+                previous(loop, context)
+            return
+        now = time.monotonic()
+        if now - last_logged >= ACCEPT_ERROR_EVERY:
+            last_logged = now
+            error = context.get("exception")
+            log = get_logger("consumer.health")
+            log.warning("cannot accept connections", error=str(error), every_s=ACCEPT_ERROR_EVERY)
+
+    loop.set_exception_handler(handler)
 
 
 def _host_in_url(host: str) -> str:

@@ -24,10 +24,10 @@ from prometheus_client.registry import Collector
 
 from consumer import __version__
 from consumer.contract import FAMILIES
-from consumer.errors import DeliveryError, Reason, VercelError, VercelThrottled
+from consumer.errors import DeliveryError, Reason, TokenUnavailable, VercelError, VercelThrottled
 
 PREFIX = "vercel_consumer"
-RETRY_CAUSES = ("rate_limited", "vercel_unavailable", "internal_error")
+RETRY_CAUSES = ("rate_limited", "vercel_unavailable", "token_unavailable", "internal_error")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")  # error: no HTTP answer at all
 CIRCUIT_STATES = ("closed", "open", "half_open")
 UNKNOWN = "unknown"
@@ -68,11 +68,7 @@ class Metrics:
             ["queue"],
             registry=self.registry,
         )
-        self.event_loop_lag = Gauge(
-            f"{PREFIX}_event_loop_lag_seconds",
-            "How late the event loop's last heartbeat ran (seconds).",
-            registry=self.registry,
-        )
+        self.event_loop_lag = register_process_metrics(self.registry)
         self.concurrency_limit = Gauge(
             f"{PREFIX}_concurrency_limit",
             "CONSUMER_CONCURRENCY: the most deliveries this worker handles at once.",
@@ -94,9 +90,6 @@ class Metrics:
             "(same id and body) but its ack was lost with the channel.",
             registry=self.registry,
         )
-        info = Gauge(f"{PREFIX}_build_info", "Always 1.", ["version"], registry=self.registry)
-        info.labels(__version__).set(1)
-        ProcessCollector(registry=self.registry)
         self._sampled = _Sampled()
         self.registry.register(self._sampled)
 
@@ -147,6 +140,19 @@ class Metrics:
         self._sampled.circuit_state = circuit_state
 
 
+def register_process_metrics(registry: CollectorRegistry) -> Gauge:
+    """What every server of the package exports (the worker, the outbox relay): build info,
+    the process collector, and the event-loop lag gauge, returned for the health monitor."""
+    info = Gauge(f"{PREFIX}_build_info", "Always 1.", ["version"], registry=registry)
+    info.labels(__version__).set(1)
+    ProcessCollector(registry=registry)
+    return Gauge(
+        f"{PREFIX}_event_loop_lag_seconds",
+        "How late the event loop's last heartbeat ran (seconds).",
+        registry=registry,
+    )
+
+
 def event_family(event_type: str | None) -> str:
     """The type's family (`resource.renamed` → `resource`), or `unknown`: a bounded label."""
     if event_type is None:
@@ -164,11 +170,14 @@ def status_class(status: int | None) -> str:
 
 def retry_cause(error: DeliveryError) -> str:
     """Why a failure is retried or deferred, as a label: a rate limit (Vercel's 429, or our own
-    limiter holding the call back), Vercel otherwise, or our own bug."""
+    limiter holding the call back), Vercel otherwise, a token file that could not be read now
+    (out of file descriptors: the host's problem, not a bug), or our own bug."""
     if isinstance(error, VercelThrottled):
         return "rate_limited"
     if isinstance(error, VercelError):
         return "vercel_unavailable"
+    if isinstance(error, TokenUnavailable):
+        return "token_unavailable"
     return "internal_error"
 
 

@@ -15,6 +15,7 @@ while Vercel is down for everyone and the circuit is open); they still age the m
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from email.utils import parsedate_to_datetime
 from consumer.errors import DeliveryError, Reason, VercelError
 
 JITTER_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.2)
+# The longest wait a `Retry-After` (or a quota's reset) can impose: Vercel asks for seconds to
+# minutes; a bigger value is a broken proxy or header, and must not block an installation until
+# the process restarts (docs/contract.md, "Retry-After").
+MAX_RETRY_AFTER = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,23 +102,29 @@ class RetryPolicy:
         """The tier (ms) to wait in after the `attempts`-th failure."""
         base = self._delays[min(attempts, len(self._delays)) - 1]
         wanted_ms = base * self._rng.choice(self._jitter) * 1000
-        if retry_after is not None:
+        if retry_after is not None and math.isfinite(retry_after):
             wanted_ms = max(wanted_ms, retry_after * 1000)
         index = bisect.bisect_left(self.tiers_ms, round(wanted_ms))
         return self.tiers_ms[min(index, len(self.tiers_ms) - 1)]
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """`Retry-After` as seconds from now: delta-seconds or an HTTP date; None if unusable."""
+    """`Retry-After` as seconds from now, at most `MAX_RETRY_AFTER`: delta-seconds (ASCII
+    digits) or an HTTP date; None if unusable. Never raises, never returns inf or NaN."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        # Compared as text first: a 309-digit number would be inf as a float.
+        return min(float(value), MAX_RETRY_AFTER) if len(value) <= 8 else MAX_RETRY_AFTER
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    try:
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    except OverflowError:
+        return None
+    return max(0.0, min(seconds, MAX_RETRY_AFTER))

@@ -2,19 +2,23 @@
 
 `resource.*` → `{"event": {"type": "resource.updated", "resourceId", "productId"?}}`,
 `billing.*` → `{"event": {"type": "installation.updated", "billingPlanId"?}}`. Absent optional
-fields are omitted, never sent as null. The installation id is percent-encoded as one path
-segment, so an id can never reach another endpoint.
+fields are omitted, never sent as null. The installation id is checked against the contract's
+pattern and percent-encoded as one path segment, so an id can never reach another endpoint.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 
-from consumer.contract import BillingEvent, Event, ResourceEvent
+from consumer.contract import INSTALLATION_ID_PATTERN, BillingEvent, Event, ResourceEvent
+from consumer.errors import ContractError
+
+_INSTALLATION_ID = re.compile(INSTALLATION_ID_PATTERN, re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,5 +49,10 @@ def translate(event: Event) -> VercelRequest:
 
 
 def events_path(installation_id: str) -> str:
-    """`/v1/installations/{integrationConfigurationId}/events`, the id as one encoded segment."""
+    """`/v1/installations/{integrationConfigurationId}/events`, the id as one encoded segment.
+
+    The contract already holds ids to INSTALLATION_ID_PATTERN; checked again here because a
+    `.` or `..` segment survives percent-encoding and any normalising proxy would move it."""
+    if not _INSTALLATION_ID.fullmatch(installation_id):
+        raise ContractError("installation_id: must be ASCII letters, digits, '_' or '-'")
     return f"/v1/installations/{quote(installation_id, safe='')}/events"

@@ -1,10 +1,10 @@
 """The Vercel API client: sends one Create Event request and maps every answer to our types.
 
-2xx → `Delivered`; 429 → `VercelThrottled`; 408, 425, 5xx, network errors, timeouts and answers
-that are not HTTP → `VercelUnavailable` (with `Retry-After` parsed); any other status →
-`VercelRejected`. The installation's quota (`X-RateLimit-*`) rides along on `Delivered` and
-`VercelThrottled`. aiohttp's exceptions stop here. `CONSUMER_HTTP_TIMEOUT` bounds the whole
-call.
+2xx → `Delivered`; 429 → `VercelThrottled`; 3xx (never followed), 408, 425, 5xx, network
+errors, timeouts and answers that are not HTTP → `VercelUnavailable` (with `Retry-After`
+parsed); any other status → `VercelRejected`. The installation's quota (`X-RateLimit-*`)
+rides along on `Delivered` and `VercelThrottled`. aiohttp's exceptions stop here.
+`CONSUMER_HTTP_TIMEOUT` bounds the whole call.
 
 The client is built once and shared: one aiohttp session whose pool is sized to the worker's
 concurrency and keeps connections alive between events. Plain aiohttp, because the HTTP client
@@ -14,6 +14,7 @@ pool (httpx-aiohttp) costs 0.23 ms and httpx on its own pool 1 to 2.7 ms (bench/
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from yarl import URL
 from consumer import __version__
 from consumer.errors import VercelRejected, VercelThrottled, VercelUnavailable
 from consumer.ratelimit import Quota, parse_quota
-from consumer.retry import parse_retry_after
+from consumer.retry import MAX_RETRY_AFTER, parse_retry_after
 from consumer.translate import VercelRequest
 
 USER_AGENT = f"vercel-event-consumer/{__version__}"
@@ -63,13 +64,15 @@ class VercelClient:
         if extra_headers:
             headers = {**extra_headers, **headers}
         try:
-            async with self._open().post(url, data=request.body, headers=headers) as response:
-                # Read the body (empty on success) so the connection goes back to the pool.
-                # Bounded: a runaway body only costs that connection, which is then closed.
-                body = await _read_at_most(response.content, _MAX_BODY_READ)
+            # Never follow a redirect: a 302 would re-send the POST as a GET elsewhere, and a
+            # 2xx from there is not Vercel creating the event (docs/contract.md, "3xx").
+            post = self._open().post(url, data=request.body, headers=headers, allow_redirects=False)
+            async with post as response:
                 if 200 <= response.status < 300:
+                    await _drain_quietly(response.content)
                     vercel_id = response.headers.get("x-vercel-id")
                     return Delivered(response.status, vercel_id, parse_quota(response.headers))
+                body = await _read_at_most(response.content, _MAX_BODY_READ)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_failure(exc) from None
         raise _failure(response.status, response.headers, body)
@@ -90,7 +93,17 @@ class VercelClient:
             await self._session.close()
 
 
+async def _drain_quietly(stream: aiohttp.StreamReader) -> None:
+    """Read a success's body (empty from Vercel) so the connection goes back to the pool.
+
+    The event was created once the 2xx status line came: a body cut short or too slow is no
+    failure, or the retry would create it twice."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        await _read_at_most(stream, _MAX_BODY_READ)
+
+
 async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    # Bounded: a runaway body only costs that connection, which is then closed.
     chunks = bytearray()
     while len(chunks) < limit and (chunk := await stream.read(limit - len(chunks))):
         chunks += chunk
@@ -102,6 +115,8 @@ def _failure(
 ) -> VercelRejected | VercelThrottled | VercelUnavailable:
     vercel_id = headers.get("x-vercel-id")
     detail = f"HTTP {status} from Vercel: {_error_summary(body)}"
+    if 300 <= status < 400:
+        detail = _redirect_detail(status, headers.get("location"))
     if status == THROTTLED:
         return _throttled(headers, detail)
     if status in RETRYABLE_STATUSES or status >= 500 or status < 400:
@@ -117,12 +132,25 @@ def _throttled(headers: Mapping[str, str], detail: str) -> VercelThrottled:
     quota = parse_quota(headers)
     retry_after = parse_retry_after(headers.get("retry-after"))
     if retry_after is None and quota is not None:
-        retry_after = quota.reset_in
+        retry_after = min(quota.reset_in, MAX_RETRY_AFTER)
     return VercelThrottled(
         detail,
         status=THROTTLED,
         vercel_id=headers.get("x-vercel-id"),
         retry_after=retry_after,
+    )
+
+
+def _redirect_detail(status: int, location: str | None) -> str:
+    """Where a redirect pointed (host and path only: a query may carry anything)."""
+    try:
+        target = URL(location or "")
+        shown = str(target.with_user(None).with_query(None).with_fragment(None))[:200]
+    except ValueError:
+        shown = "(unparseable)"
+    return (
+        f"HTTP {status} redirect to {shown or '(no Location)'}, not followed: Create Event never"
+        " redirects; a proxy, a captive portal or a wrong CONSUMER_VERCEL_API_URL answered"
     )
 
 

@@ -51,7 +51,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -64,7 +64,13 @@ from consumer.topology import Topology, declare, open_channel
 
 REPO = Path(__file__).resolve().parent.parent
 CHAOS_TOKENS = {"icfg_alpha": "tok_alpha_s3cr3t", "icfg_beta": "tok_beta_s3cr3t"}
-REPORTS: list[ChaosReport] = []  # every checked report of this run, for the summary
+
+
+class Reported(Protocol):
+    def line(self) -> str: ...
+
+
+REPORTS: list[Reported] = []  # every checked report of this run, for the summary
 
 
 # ── the invariant checker ────────────────────────────────────────────────────────────────────
@@ -167,8 +173,11 @@ def worker_env(**settings: Any) -> dict[str, str]:
 class WorkerProcess:
     """`python -m consumer run` as a child process; every (re)start appends to one log file."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, command: tuple[str, ...] = ("run",)
+    ) -> None:
         self.env = dict(env)
+        self.command = command
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -178,7 +187,7 @@ class WorkerProcess:
         assert not self.running, "the worker is already running"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "consumer", "run"],
+                [sys.executable, "-m", "consumer", *self.command],
                 env=self.env,
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,

@@ -133,6 +133,18 @@ def private_broker(private_node: PrivateBroker) -> PrivateBroker:
 
 
 @pytest.fixture
+async def outbox_dsn() -> AsyncIterator[str]:
+    """A database of this test's own on the real PostgreSQL, with the outbox schema."""
+    from consumer.outbox.store import init_schema
+    from tests.postgres import create_database, drop_database
+
+    dsn = await asyncio.to_thread(create_database)
+    await init_schema(dsn)
+    yield dsn
+    await asyncio.to_thread(drop_database, dsn)
+
+
+@pytest.fixture
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on (the health endpoint's, say)."""
     with socket.socket() as sock:

@@ -123,3 +123,16 @@ def test_misuse_is_refused() -> None:
     run.released(1)
     with pytest.raises(ValueError, match="delivery tag"):
         run.completed(1)
+
+
+def test_awaiting_is_true_only_between_receipt_and_an_outcome() -> None:
+    """The handler rejects a message back to the queue only while it awaits its outcome: not
+    once it completed (its ack may already be on the wire, inside a multiple ack)."""
+    run = AckRun()
+    assert not run.awaiting(1)
+    run.received(1)
+    assert run.awaiting(1)
+    run.completed(1)
+    assert not run.awaiting(1)
+    run.take_run()
+    assert not run.awaiting(1)

@@ -45,3 +45,22 @@ def test_bench_runs_every_contender_and_reports_targets(tmp_path: Path) -> None:
     assert "1/(1/B + 1/H)" in names
     assert "naive baseline" in names
     assert "FastStream" in names
+
+
+def test_outbox_bench_runs_and_prints_its_figures(tmp_path: Path) -> None:
+    """A small outbox benchmark relays every row and measures both latencies."""
+    output = tmp_path / "outbox.json"
+    script = BENCH.parent / "outbox_bench.py"
+    command = [sys.executable, str(script), "--rows", "300", "--paced", "20", "--rate", "40"]
+    result = subprocess.run(
+        [*command, "--poll", "0.2", "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(output.read_text())
+    assert figures["throughput"]["rows"] == 300
+    assert figures["latency_notify"]["arrived"] == 20
+    assert figures["latency_polling"]["arrived"] == 20

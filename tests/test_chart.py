@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -174,7 +175,29 @@ EXISTING_SECRETS: dict[str, Any] = {
     "autoscaling": {"keda": {"enabled": True, "existingSecret": "rabbitmq-management"}},
 }
 
-CASES = {"defaults": {}, "all-on": ALL_ON, "existing-secrets": EXISTING_SECRETS}
+
+def merged_values(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge values, later layers winning, as `helm -f a -f b` does."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(result.get(key), dict):
+                result[key] = merged_values(result[key], value)
+            else:
+                result[key] = copy.deepcopy(value)
+    return result
+
+
+OUTBOX_DSN = "postgresql://relay:pg_s3cret@postgres.example:5432/app"
+# The outbox relay's Deployment, its DSN in the chart's Secret.
+OUTBOX: dict[str, Any] = {"outbox": {"enabled": True, "dsn": OUTBOX_DSN, "batchSize": 200}}
+
+CASES = {
+    "defaults": {},
+    "all-on": ALL_ON,
+    "existing-secrets": EXISTING_SECRETS,
+    "outbox": merged_values(ALL_ON, OUTBOX),
+}
 
 
 @dataclass
@@ -197,7 +220,7 @@ class Rendered:
 
     @property
     def pod(self) -> dict[str, Any]:
-        return self.one("Deployment")["spec"]["template"]["spec"]
+        return self.one("Deployment", FULLNAME)["spec"]["template"]["spec"]
 
     @property
     def worker(self) -> dict[str, Any]:
@@ -237,16 +260,7 @@ def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> Rendered:
     return Rendered(objects, notes)
 
 
-def merged(*layers: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge values, later layers winning, as `helm -f a -f b` does."""
-    result: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, dict) and isinstance(result.get(key), dict):
-                result[key] = merged(result[key], value)
-            else:
-                result[key] = copy.deepcopy(value)
-    return result
+merged = merged_values
 
 
 def validate_object(obj: dict[str, Any]) -> str:
@@ -566,6 +580,13 @@ CONFIG_VARIABLES = {
     "logFormat": ("CONSUMER_LOG_FORMAT", "console", "console"),
     "logLevel": ("CONSUMER_LOG_LEVEL", "debug", "debug"),
 }
+# The outbox relay's own settings: set on its Deployment (outbox.*), not on the worker's.
+OUTBOX_SETTINGS = {
+    "CONSUMER_OUTBOX_DSN",
+    "CONSUMER_OUTBOX_POLL_INTERVAL",
+    "CONSUMER_OUTBOX_BATCH_SIZE",
+    "CONSUMER_OUTBOX_RETENTION",
+}
 # Set by the chart from other values rather than from `config`.
 CHART_MANAGED = {
     "CONSUMER_AMQP_URL",
@@ -590,7 +611,7 @@ def test_every_worker_setting_is_set_from_values(chart: helm.Chart) -> None:
     """The pods get every setting the worker reads and the README lists, and no unknown one."""
     rendered = render(chart, ALL_ON)
     set_by_chart = {name for name in rendered.env() if name.startswith("CONSUMER_")}
-    known = worker_settings() | documented_settings()
+    known = (worker_settings() | documented_settings()) - OUTBOX_SETTINGS
     assert known - set_by_chart == set(), "settings the chart cannot set"
     assert set_by_chart - known == set(), "variables the worker does not read"
     mapped = {variable for variable, _, _ in CONFIG_VARIABLES.values()}
@@ -619,17 +640,23 @@ def test_rendered_settings_are_accepted_by_the_worker(
             value = rendered.secret_value(ref["name"], ref["key"])
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CONSUMER_VERCEL_TOKENS_DIR", str(tmp_path))  # the mount, here
-    ca = trustme.CA()  # the TLS Secret's files, here
-    client = ca.issue_cert("relay@example.test")
-    pems = {"CAFILE": ca.cert_pem, "CERTFILE": client.cert_chain_pems[0]}
-    pems["KEYFILE"] = client.private_key_pem
-    for name, pem in pems.items():
-        pem.write_to_path(str(tmp_path / name))
-        monkeypatch.setenv(f"CONSUMER_AMQP_{name}", str(tmp_path / name))
+    use_local_tls_files(monkeypatch, tmp_path)
     settings = load_settings()
     assert settings.amqp_url.get_secret_value() == ALL_ON["amqp"]["url"]
     assert settings.retry_delays == (1, 5, 30, 120, 600, 1800)
     assert settings.shutdown_timeout == 25
+
+
+def use_local_tls_files(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """Point CONSUMER_AMQP_CAFILE/CERTFILE/KEYFILE at files made here, as the TLS Secret's
+    mount would hold them in the pod."""
+    ca = trustme.CA()
+    client = ca.issue_cert("relay@example.test")
+    pems = {"CAFILE": ca.cert_pem, "CERTFILE": client.cert_chain_pems[0]}
+    pems["KEYFILE"] = client.private_key_pem
+    for name, pem in pems.items():
+        pem.write_to_path(str(directory / name))
+        monkeypatch.setenv(f"CONSUMER_AMQP_{name}", str(directory / name))
 
 
 def schema_bounds(schema: dict[str, Any]) -> dict[str, float]:
@@ -738,6 +765,8 @@ BAD_VALUES = {
         "networkPolicy": {"egress": {"vercel": {"cidrs": ["vercel"]}}}
     },
     "broker port 0": {"networkPolicy": {"egress": {"broker": {"ports": [0]}}}},
+    "non-postgres outbox DSN": {"outbox": {"dsn": "mysql://u:p@db/app"}},
+    "zero outbox batch": {"outbox": {"batchSize": 0}},
 }
 
 
@@ -995,3 +1024,88 @@ def test_chart_readme_documents_every_value(chart: helm.Chart) -> None:
     values = set(leaf_paths(chart.values))
     assert values - documented == set(), "values without a README row"
     assert documented - values == set(), "README rows for values that do not exist"
+
+
+# ── the outbox relay ─────────────────────────────────────────────────────────────────────────
+
+
+def outbox_relay(rendered: Rendered) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The relay Deployment's pod spec and its one container."""
+    pod = rendered.one("Deployment", f"{FULLNAME}-outbox")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return pod, container
+
+
+def test_outbox_relay_is_off_by_default(chart: helm.Chart) -> None:
+    """No relay Deployment and no DSN in the Secret unless outbox.enabled."""
+    rendered = render(chart, ALL_ON)
+    assert ("Deployment", f"{FULLNAME}-outbox") not in rendered.kinds_and_names()
+    assert "outbox-dsn" not in rendered.one("Secret", FULLNAME)["data"]
+
+
+def test_outbox_relay_runs_the_relay_command_with_its_settings(chart: helm.Chart) -> None:
+    """outbox.enabled adds a locked-down Deployment running `outbox relay`, probed on the health
+    endpoints, with the DSN from the chart's Secret and outbox.* as CONSUMER_OUTBOX_*; its pods
+    are not selected by the worker's Deployment, Service or PodDisruptionBudget."""
+    rendered = render(chart, merged(ALL_ON, OUTBOX))
+    pod, relay = outbox_relay(rendered)
+    assert relay["args"] == ["outbox", "relay"]
+    assert relay["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert relay["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert relay["livenessProbe"]["httpGet"]["path"] == "/livez"
+    env = {item["name"]: item.get("value", item.get("valueFrom")) for item in relay["env"]}
+    ref = env["CONSUMER_OUTBOX_DSN"]["secretKeyRef"]
+    assert rendered.secret_value(ref["name"], ref["key"]) == OUTBOX_DSN
+    assert env["CONSUMER_OUTBOX_BATCH_SIZE"] == "200"
+    assert env["CONSUMER_OUTBOX_POLL_INTERVAL"] == "1"
+    assert env["CONSUMER_OUTBOX_RETENTION"] == "86400"
+    assert "CONSUMER_AMQP_URL" in env
+    labels = rendered.one("Deployment", f"{FULLNAME}-outbox")["spec"]["template"]["metadata"]
+    for kind in ("Service", "PodDisruptionBudget", "Deployment"):
+        obj = rendered.one(kind, FULLNAME if kind != "Service" else f"{FULLNAME}-metrics")
+        selector = obj["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        assert not selector.items() <= labels["labels"].items(), kind
+
+
+def test_outbox_relay_settings_are_accepted_by_the_relay(
+    chart: helm.Chart, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The relay container's environment loads cleanly into Settings, DSN included, and it
+    mounts the broker's TLS files its environment points at."""
+    rendered = render(chart, merged(ALL_ON, OUTBOX))
+    _, relay = outbox_relay(rendered)
+    configmap = rendered.one("ConfigMap", relay["envFrom"][0]["configMapRef"]["name"])
+    env: dict[str, Any] = dict(configmap["data"])
+    env.update({item["name"]: item.get("value", item.get("valueFrom")) for item in relay["env"]})
+    for name, value in env.items():
+        if isinstance(value, dict):
+            ref = value["secretKeyRef"]
+            value = rendered.secret_value(ref["name"], ref["key"])
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CONSUMER_VERCEL_TOKENS_DIR")
+    mounts = {mount["mountPath"] for mount in relay["volumeMounts"]}
+    assert {
+        os.path.dirname(env[f"CONSUMER_AMQP_{name}"]) for name in ("CAFILE", "CERTFILE")
+    } <= mounts
+    use_local_tls_files(monkeypatch, tmp_path)
+    settings = load_settings()
+    assert settings.outbox_dsn is not None
+    assert settings.outbox_dsn.get_secret_value() == OUTBOX_DSN
+    assert settings.outbox_batch_size == 200
+
+
+def test_outbox_dsn_from_an_existing_secret_is_referenced_not_created(chart: helm.Chart) -> None:
+    values = {"outbox": {"enabled": True, "existingSecret": "app-db", "existingSecretKey": "dsn"}}
+    rendered = render(chart, merged(EXISTING_SECRETS, values))
+    _, relay = outbox_relay(rendered)
+    env = {item["name"]: item.get("valueFrom") for item in relay["env"]}
+    assert env["CONSUMER_OUTBOX_DSN"]["secretKeyRef"] == {"name": "app-db", "key": "dsn"}
+    assert ("Secret", FULLNAME) not in rendered.kinds_and_names()
+
+
+def test_outbox_without_a_dsn_is_refused(chart: helm.Chart) -> None:
+    """outbox.enabled with neither a DSN nor an existing Secret stops the install, saying so."""
+    with pytest.raises(Exception, match=r"outbox\.dsn or outbox\.existingSecret"):
+        render(chart, {"outbox": {"enabled": True}})

@@ -55,6 +55,25 @@ async def test_publish_sends_a_contract_event_with_the_documented_properties(
     await channel.exchange_delete(names["exchange"])
 
 
+async def test_publish_count_publishes_that_many_confirmed_events(
+    channel: AbstractChannel, names: dict[str, str]
+) -> None:
+    """`publish --count 300` publishes 300 events with distinct ids (publish_many), prints
+    each once confirmed, and all 300 are in the queue."""
+    exchange = await channel.declare_exchange(names["exchange"], "topic", durable=True)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, "billing.#")
+    result = cli(
+        "publish", "billing.plan_changed", "--count", "300", CONSUMER_EXCHANGE=names["exchange"]
+    )
+    assert result.returncode == 0, result.stderr
+    printed = [line.split()[-1] for line in result.stdout.splitlines()]
+    assert len(set(printed)) == 300
+    messages = await drain_queue(channel, queue.name)
+    assert {str(message.message_id) for message in messages} == set(printed)
+    await channel.exchange_delete(names["exchange"])
+
+
 async def test_publish_with_no_queue_bound_fails_loudly(
     channel: AbstractChannel, names: dict[str, str]
 ) -> None:
@@ -64,7 +83,7 @@ async def test_publish_with_no_queue_bound_fails_loudly(
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "publishing event" in result.stderr
+    assert "no queue is bound to routing key" in result.stderr
     await channel.exchange_delete(names["exchange"])
 
 
@@ -116,3 +135,27 @@ def test_sim_on_a_taken_port_fails_with_one_line(sim_process: str) -> None:
     assert result.returncode == 2
     assert f"cannot serve on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_publish_without_a_type_sends_nothing(
+    channel: AbstractChannel, names: dict[str, str]
+) -> None:
+    """`publish` with no arguments exits 2 with one line and publishes no demo event to the
+    configured (maybe production) exchange."""
+    exchange = await channel.declare_exchange(names["exchange"], "topic", durable=True)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, "#")
+    result = cli("publish", CONSUMER_EXCHANGE=names["exchange"])
+    assert result.returncode == 2
+    assert "publish needs the event's type" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert await drain_queue(channel, queue.name) == []
+    await channel.exchange_delete(names["exchange"])
+
+
+@pytest.mark.parametrize("latency", ["inf", "nan", "-1"])
+def test_sim_refuses_a_latency_that_is_not_finite(latency: str) -> None:
+    """`sim --latency-ms inf` would never answer: exit 2 with one line instead."""
+    result = cli("sim", "--port", "0", f"--latency-ms={latency}")
+    assert result.returncode == 2
+    assert "--latency-ms" in result.stderr

@@ -16,7 +16,10 @@ LAYERS = {
     "logs": 1,
     "dlq.progress": 1,
     "contract": 2,
+    "outbox.schema": 2,
     "translate": 2,
+    "cloudevents": 2,
+    "asyncapi": 4,
     "retry": 2,
     "tracing": 2,
     "breaker": 2,
@@ -36,6 +39,9 @@ LAYERS = {
     "metrics": 3,
     "otel": 3,
     "otel_sdk": 3,
+    "outbox.write": 3,
+    "outbox.store": 3,
+    "outbox.metrics": 3,
     "depths": 3,
     "acking": 3,
     "coalescing": 3,
@@ -43,10 +49,12 @@ LAYERS = {
     "dlq.view": 3,
     "handler": 4,
     "worker": 4,
+    "outbox.relay": 4,
     "dlq.ops": 4,
     "app": 5,
     "cli": 6,
     "dlq.cli": 6,
+    "outbox.cli": 6,
     "__main__": 7,
 }
 PURE = (
@@ -54,6 +62,7 @@ PURE = (
     "backoff",
     "accepted",
     "contract",
+    "cloudevents",
     "translate",
     "retry",
     "tracing",
@@ -62,6 +71,7 @@ PURE = (
     "dlq.export",
     "ackrun",
     "coalesce",
+    "outbox.schema",
 )
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")
 
@@ -111,4 +121,16 @@ def test_only_the_cli_reads_settings() -> None:
     """Settings are read once, by the entry points (cli, app and the dlq commands, dlq.cli);
     other modules receive plain values."""
     readers = {module for module in LAYERS if "consumer.settings" in imports_of(module)}
-    assert readers == {"app", "cli", "dlq.cli"}
+    assert readers == {"app", "cli", "dlq.cli", "outbox.cli"}
+
+
+def test_only_the_cli_reaches_the_outbox() -> None:
+    """The worker and the rest of the package never import the outbox (and so never need its
+    PostgreSQL driver); the command line reaches it through its own entry point only."""
+    importers = {
+        module
+        for module in LAYERS
+        if not module.startswith("outbox.")
+        and any(name.startswith("consumer.outbox") for name in imports_of(module))
+    }
+    assert importers == {"cli"}

@@ -9,7 +9,13 @@ from typing import Any
 import orjson
 from prometheus_client import generate_latest
 
-from consumer.errors import DeliveryError, Reason, VercelThrottled, VercelUnavailable
+from consumer.errors import (
+    DeliveryError,
+    Reason,
+    TokenUnavailable,
+    VercelThrottled,
+    VercelUnavailable,
+)
 from consumer.metrics import Metrics, event_family, retry_cause, status_class
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
@@ -39,6 +45,7 @@ def test_labels_come_from_fixed_vocabularies() -> None:
     assert retry_cause(VercelUnavailable("x", status=503)) == "vercel_unavailable"
     assert retry_cause(VercelUnavailable("x", status=None)) == "vercel_unavailable"
     assert retry_cause(DeliveryError("internal error: KeyError")) == "internal_error"
+    assert retry_cause(TokenUnavailable("EMFILE")) == "token_unavailable"  # not a bug
 
 
 def test_every_outcome_series_exists_from_the_start_and_registries_are_separate() -> None:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import math
 
-from consumer.ratelimit import InstallationLimits, Quota, RequestRate, parse_quota
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consumer.ratelimit import (
+    PRUNE_EVERY,
+    QUOTA_PROBE_GRACE,
+    InstallationLimits,
+    Quota,
+    RequestRate,
+    parse_quota,
+)
+
+HEADER_NAMES = ("x-ratelimit-remaining", "x-ratelimit-reset", "x-ratelimit-limit")
 
 
 class Clock:
@@ -105,3 +118,79 @@ async def test_zero_means_no_global_limit() -> None:
     rate = RequestRate(0, sleep=sleep)
     for _ in range(100):
         await rate.acquire()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-ratelimit-remaining": "²", "x-ratelimit-reset": "1030"},
+        {"x-ratelimit-remaining": "7", "x-ratelimit-reset": "\uff11\uff10\uff13\uff10"},
+        {"x-ratelimit-remaining": "7", "x-ratelimit-reset": "1030", "x-ratelimit-limit": "³"},
+        {"x-ratelimit-remaining": "9" * 400, "x-ratelimit-reset": "1" + "0" * 400},
+        {"x-ratelimit-remaining": "7", "x-ratelimit-reset": "nan"},
+        {"x-ratelimit-remaining": "7", "x-ratelimit-reset": "inf"},
+    ],
+)
+def test_non_ascii_digits_and_absurd_numbers_are_no_quota(headers: dict[str, str]) -> None:
+    """Superscript or full-width digits (digits to str.isdigit, not to int) and numbers of
+    hundreds of digits give no quota (or no limit), never an exception."""
+    quota = parse_quota(headers, now=1000.0)
+    assert quota is None or quota.limit is None
+
+
+@given(st.dictionaries(st.sampled_from(HEADER_NAMES), st.text(max_size=40)))
+def test_parse_quota_never_raises(headers: dict[str, str]) -> None:
+    """Any header values at all: a quota with finite, sane numbers, or None."""
+    quota = parse_quota(headers, now=1000.0)
+    if quota is not None:
+        assert quota.remaining >= 0
+        assert 0 <= quota.reset_in <= 86_400
+
+
+def test_a_probe_without_quota_headers_ends_the_limit() -> None:
+    """Stale quota (issue 11 case 7): after a window, the probe's answer carries no
+    X-RateLimit-* headers; the installation is then unlimited, not paced at one request per
+    probe grace for good."""
+    clock = Clock()
+    limits = InstallationLimits(clock=clock)
+    limits.observe("icfg_a", Quota(0, 1.0))
+    clock.now += 1.5
+    assert limits.wait_for("icfg_a") == 0.0  # the probe
+    limits.observe("icfg_a", None)  # 2xx without headers
+    assert [limits.wait_for("icfg_a") for _ in range(10)] == [0.0] * 10
+    assert limits.throttled() == 0
+
+
+def test_a_failed_probe_expires_after_its_grace() -> None:
+    """The probe got no answer at all (a timeout): once its grace has passed the installation
+    is no longer held back, rather than being given one more probe every grace, forever."""
+    clock = Clock()
+    limits = InstallationLimits(clock=clock)
+    limits.observe("icfg_a", Quota(0, 1.0))
+    clock.now += 1.5
+    assert limits.wait_for("icfg_a") == 0.0  # the probe, which never answers
+    clock.now += QUOTA_PROBE_GRACE + 0.1
+    assert [limits.wait_for("icfg_a") for _ in range(10)] == [0.0] * 10
+
+
+def test_the_maps_are_pruned_of_passed_entries() -> None:
+    """10,000 installations throttled once each leave nothing behind once their time passed:
+    the maps do not grow with every id ever seen."""
+    clock = Clock()
+    limits = InstallationLimits(clock=clock)
+    for n in range(10_000):
+        limits.block(f"icfg_{n}", 1.0)
+        limits.observe(f"icfg_q{n}", Quota(0, 2.0, limit=10))
+        limits.defer(f"icfg_q{n}", 2.0)
+    assert limits.tracked() == 20_000
+    clock.now += PRUNE_EVERY + 5
+    limits.wait_for("icfg_other")
+    assert limits.tracked() == 0
+
+
+@pytest.mark.parametrize("seconds", [math.inf, math.nan, -5.0])
+def test_a_non_finite_or_negative_block_is_ignored(seconds: float) -> None:
+    """block() never stores a wait that would hold an installation forever (or raise)."""
+    limits = InstallationLimits(clock=Clock())
+    limits.block("icfg_a", seconds)
+    assert limits.wait_for("icfg_a") == 0.0

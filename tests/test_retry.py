@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from consumer.errors import (
     ContractError,
@@ -16,7 +19,7 @@ from consumer.errors import (
     VercelThrottled,
     VercelUnavailable,
 )
-from consumer.retry import DeadLetter, Retry, RetryPolicy, parse_retry_after
+from consumer.retry import MAX_RETRY_AFTER, DeadLetter, Retry, RetryPolicy, parse_retry_after
 
 
 def policy(delays: tuple[float, ...] = (1, 5, 30), attempts: int = 4) -> RetryPolicy:
@@ -136,3 +139,31 @@ def test_retry_after_parses_seconds_and_http_dates(
     """Retry-After is delta-seconds or an HTTP date (past dates mean now); garbage is None."""
     now = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC)
     assert parse_retry_after(value, now=now) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("9" * 309, MAX_RETRY_AFTER),  # inf as a float
+        ("86400000", MAX_RETRY_AFTER),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", MAX_RETRY_AFTER),
+        ("²", None),
+        ("١٢", None),  # Arabic-Indic digits
+        ("12.5", None),
+    ],
+)
+def test_absurd_retry_after_is_capped_or_ignored(value: str, seconds: float | None) -> None:
+    """Issue 11 case 4: a Retry-After of hundreds of digits, or a date centuries away, waits
+    MAX_RETRY_AFTER at most; digits that are not ASCII are no Retry-After at all."""
+    now = datetime(2026, 11, 26, 10, 0, 0, tzinfo=UTC)
+    assert parse_retry_after(value, now=now) == seconds
+
+
+@given(st.text(max_size=400) | st.from_regex(r"[0-9]{1,400}", fullmatch=True))
+def test_any_retry_after_gives_a_tier_without_raising(value: str) -> None:
+    """Whatever the header says, parsing and choosing a tier never raise (the OverflowError of
+    `round(inf)` left messages neither acked nor rejected), and the wait is finite."""
+    retry_after = parse_retry_after(value)
+    assert retry_after is None or 0 <= retry_after <= MAX_RETRY_AFTER
+    policy().decide(VercelUnavailable("503", status=503, retry_after=retry_after), 1)
+    assert policy().delay_for(1, math.inf) in policy().tiers_ms

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,88 @@ def test_blank_token_settings_mean_unset(monkeypatch: pytest.MonkeyPatch) -> Non
     settings = load_settings()
     assert settings.vercel_token is None
     assert settings.vercel_tokens_dir is None
+
+
+UNENCODED = [
+    "amqp://user:s3cr3t/PW@mq:5672/",
+    "amqp://user:s3cr3t?PW@mq/",
+    "amqp://user:s3cr3t#PW@mq/",
+    "amqp://user:s3cr3t@PW@mq/",
+    "amqps://user:s3cr3t:PW@mq:5671/vh",
+]
+
+
+@pytest.mark.parametrize("url", UNENCODED)
+def test_redaction_masks_a_password_that_is_not_percent_encoded(url: str) -> None:
+    """Everything between `//` and the last `@` is user information: a raw '/', '?', '#',
+    '@' or ':' in the password never lets any of it into a log line."""
+    redacted = redact_url(url)
+    assert "s3cr3t" not in redacted
+    assert "PW" not in redacted
+    assert redacted.endswith(url.rsplit("@", 1)[1])
+
+
+@pytest.mark.parametrize("url", UNENCODED[:4])
+@pytest.mark.parametrize("command", [("run",), ("dlq", "stats"), ("publish", "resource.x")])
+def test_every_command_refuses_an_unencoded_password_in_one_sentence(
+    url: str, command: tuple[str, ...]
+) -> None:
+    """Issue 11 case 2: `run`, `dlq` and `publish` with such a URL exit 2 with a sentence
+    naming CONSUMER_AMQP_URL, never a traceback (it was `int(port)`'s ValueError) or the
+    password."""
+    env = {**os.environ, "CONSUMER_AMQP_URL": url, "CONSUMER_VERCEL_TOKEN": "tok"}
+    result = run_cli(*command, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "CONSUMER_AMQP_URL" in result.stderr
+    assert "percent-encode" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout
+    assert "PW" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "url", ["amqp://user:pw@mq:notaport/", "amqp://mq:99999/", "https://api.vercel.com:x"]
+)
+def test_a_port_that_is_not_a_number_is_a_configuration_error(url: str) -> None:
+    """A bad port is a ConfigError naming the variable, not a ValueError at connect time."""
+    field = "vercel_api_url" if url.startswith("https") else "amqp_url"
+    with pytest.raises(ConfigError, match=r"port must be a number|not a valid URL") as caught:
+        load_settings(**{field: url})
+    assert "pw" not in str(caught.value)
+
+
+def test_the_vercel_api_url_is_logged_without_its_credentials() -> None:
+    """Credentials someone put in CONSUMER_VERCEL_API_URL are masked where it is logged."""
+    settings = load_settings(vercel_api_url="https://proxyuser:pr0xy@egress.example/")
+    assert settings.vercel_api_url_redacted == "https://proxyuser:***@egress.example"
+
+
+def test_the_starting_line_masks_both_urls() -> None:
+    """The `starting` log line of `run` shows neither the broker's password nor credentials
+    put in CONSUMER_VERCEL_API_URL (it logged the latter raw)."""
+    with socket.socket() as taken:  # the health port is taken: `run` stops right after
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **os.environ,
+            "CONSUMER_AMQP_URL": "amqp://guest:amqpPW1@127.0.0.1:1/",
+            "CONSUMER_VERCEL_API_URL": "https://proxyuser:apiPW2@127.0.0.1:1",
+            "CONSUMER_VERCEL_TOKEN": "tok",
+            "CONSUMER_HEALTH_HOST": "127.0.0.1",
+            "CONSUMER_HEALTH_PORT": str(taken.getsockname()[1]),
+        }
+        result = run_cli("run", env=env)
+    assert '"starting"' in result.stdout
+    assert "proxyuser:***@127.0.0.1" in result.stdout
+    assert "amqpPW1" not in result.stdout + result.stderr
+    assert "apiPW2" not in result.stdout + result.stderr
+
+
+def test_a_numeric_password_before_a_raw_slash_is_refused_too() -> None:
+    """`amqp://user:5672/x@mq/` parses as host `user`, port 5672 (urllib finds nothing wrong,
+    and the redaction of the time found no password): the raw '/' is refused all the same,
+    in every URL of a failover list."""
+    for url in ("amqp://user:5672/x@mq/", "amqp://a:b@mq1/,amqp://user:5672/x@mq2/"):
+        with pytest.raises(ConfigError, match="percent-encode") as caught:
+            load_settings(amqp_url=url)
+        assert "5672/x" not in str(caught.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -221,6 +223,7 @@ async def test_admin_fault_is_reflected_in_stats_and_accepted(client: httpx.Asyn
         "requests": 2,
         "max_in_flight": 1,
         "by_status": {"500": 1, "201": 1},
+        "unrecorded": 0,
     }
     accepted = (await client.get("/_sim/accepted")).json()
     assert accepted["count"] == 1
@@ -259,6 +262,45 @@ async def test_admin_rejects_an_invalid_fault(client: httpx.AsyncClient) -> None
     response = await client.post("/_sim/faults", json={"status": 500, "explode": True})
     assert response.status_code == 400
     assert (await post_event(client)).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"latency": 1e400},  # JSON's way to say Infinity: the simulator would never answer
+        {"latency": "1"},
+        {"status": "500"},
+        {"status": 700},
+        {"drop": 1},
+        {"times": 0},
+        {"headers": {"Location": 5}},
+        [],
+    ],
+)
+async def test_admin_validates_faults_strictly(client: httpx.AsyncClient, fault: Any) -> None:
+    """Fault JSON is checked by a strict model: wrong types, out-of-range values and infinite
+    latency are answered 400 naming the field, and nothing is registered."""
+    response = await client.post(
+        "/_sim/faults", content=json.dumps(fault), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert (await post_event(client)).status_code == 201
+
+
+async def test_recorded_requests_are_capped(client: httpx.AsyncClient) -> None:
+    """Beyond `max_recorded`, answered requests are counted, not kept: bounded memory."""
+    async with VercelSimulator(TOKENS, max_recorded=2) as small:
+        async with httpx.AsyncClient(base_url=str(small.url)) as http:
+            for _ in range(5):
+                assert (await post_event(http)).status_code == 201
+        assert len(small.accepted) == 2
+        assert small.stats()["unrecorded"] == 3
+
+
+def test_infinite_latency_is_refused() -> None:
+    """A simulator that would never answer is a mistake, refused at construction."""
+    with pytest.raises(ValueError, match="finite"):
+        VercelSimulator(TOKENS, latency=math.inf)
 
 
 async def test_remove_installation_makes_it_unknown(

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 from pathlib import Path
 
 import pytest
 
-from consumer.errors import ConfigError, CredentialsError, Reason
+from consumer.errors import (
+    ConfigError,
+    CredentialsError,
+    Reason,
+    TokenFileError,
+    TokenUnavailable,
+)
 from consumer.tokens import TokenStore
 
 
@@ -81,21 +89,77 @@ def test_ids_that_are_not_plain_file_names_never_touch_the_filesystem(
         store.token_for(installation_id)
 
 
-def test_empty_token_file_counts_as_missing(tmp_path: Path) -> None:
-    """An empty file falls back like a missing one."""
-    (tmp_path / "icfg_1").write_text("\n")
-    assert TokenStore(tmp_path, fallback="tok_all").token_for("icfg_1") == "tok_all"
+BROKEN_FILES = {
+    "empty": (b"\n", "is empty"),
+    "bom": (b"\xef\xbb\xbftok_1", "byte-order mark"),
+    "inner space": (b"tok en", "whitespace or a line break"),
+    "inner crlf": (b"tok\r\nen", "whitespace or a line break"),
+    "nul": (b"tok\x00", "characters a bearer token cannot contain"),
+    "non-ascii": ("tøken".encode(), "not ASCII"),
+    "huge": (b"t" * 5000, "larger than 4096 bytes"),
+}
 
 
-@pytest.mark.parametrize("content", ["tok en", "tok\nen", "tok\x00", "tøken"])
-def test_token_that_cannot_be_sent_in_a_header_counts_as_missing(
-    tmp_path: Path, content: str
+@pytest.mark.parametrize(("content", "why"), BROKEN_FILES.values(), ids=list(BROKEN_FILES))
+def test_a_broken_token_file_is_an_error_of_its_own_never_the_fallback(
+    tmp_path: Path, content: bytes, why: str
 ) -> None:
-    """A token with a space, newline, NUL or non-ASCII is unusable: no_credentials, not a
-    request that fails on every retry."""
-    (tmp_path / "icfg_1").write_text(content)
-    with pytest.raises(CredentialsError):
-        TokenStore(tmp_path).token_for("icfg_1")
+    """A file that is there but unusable is a TokenFileError (no_credentials) saying what is
+    wrong; the fallback token is never sent in its place, and its content is never shown."""
+    (tmp_path / "icfg_1").write_bytes(content)
+    with pytest.raises(TokenFileError) as caught:
+        TokenStore(tmp_path, fallback="tok_all").token_for("icfg_1")
+    assert caught.value.reason is Reason.NO_CREDENTIALS
+    assert why in caught.value.detail
+    assert "icfg_1" in caught.value.detail
+    assert "tok" not in caught.value.detail.replace("token", "")
+
+
+def test_a_directory_or_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A directory or a FIFO named after an installation is a broken file; the FIFO is never
+    opened for a blocking read (this test would hang if it were)."""
+    (tmp_path / "icfg_dir").mkdir()
+    os.mkfifo(tmp_path / "icfg_fifo")
+    store = TokenStore(tmp_path, fallback="tok_all")
+    with pytest.raises(TokenFileError, match="is a directory"):
+        store.token_for("icfg_dir")
+    with pytest.raises(TokenFileError, match="not a regular file"):
+        store.token_for("icfg_fifo")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_is_refused_and_its_fix_seen_at_once(tmp_path: Path) -> None:
+    """EACCES is an error of its own, never cached: once fixed, the next lookup reads it."""
+    token_file = tmp_path / "icfg_1"
+    token_file.write_text("tok_1")
+    token_file.chmod(0)
+    store = TokenStore(tmp_path, fallback="tok_all")
+    with pytest.raises(TokenFileError, match="cannot be read"):
+        store.token_for("icfg_1")
+    token_file.chmod(0o600)
+    assert store.token_for("icfg_1") == "tok_1"
+
+
+def test_running_out_of_file_descriptors_is_transient_and_never_cached(tmp_path: Path) -> None:
+    """With no file descriptor left (EMFILE), the lookup raises TokenUnavailable (retried),
+    not no_credentials and not the fallback; with descriptors back, the token is read."""
+    (tmp_path / "icfg_1").write_text("tok_1")
+    store = TokenStore(tmp_path, fallback="tok_all")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(TokenUnavailable) as caught:
+            store.token_for("icfg_1")
+        assert caught.value.reason is None
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert store.token_for("icfg_1") == "tok_1"
 
 
 def test_unusable_fallback_token_is_a_configuration_error() -> None:

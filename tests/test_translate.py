@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from consumer.contract import parse_event
-from consumer.translate import translate
+from consumer.errors import ContractError, Reason
+from consumer.translate import events_path, translate
 from tests.conftest import event
 
 
@@ -40,7 +46,29 @@ def test_billing_event_becomes_installation_updated() -> None:
     assert body == {"event": {"type": "installation.updated"}}
 
 
-def test_installation_id_is_one_encoded_path_segment() -> None:
-    """An id with '/', '?' or '..' cannot leave its path segment."""
-    path, _ = request_for(installation_id="../../v2/x?y=1#z")
-    assert path == "/v1/installations/..%2F..%2Fv2%2Fx%3Fy%3D1%23z/events"
+HOSTILE_IDS = [".", "..", "../../v2/x?y=1#z", "a/b", "a%2Fb", "%2e%2e", "icfg\n", "ic fg", "ü"]
+ONE_SEGMENT = re.compile(r"/v1/installations/[A-Za-z0-9_-]{1,128}/events")
+
+
+@pytest.mark.parametrize("installation_id", HOSTILE_IDS)
+def test_an_id_that_could_leave_its_path_segment_is_invalid(installation_id: str) -> None:
+    """Dot segments, slashes, percent signs, whitespace and non-ASCII break the contract's
+    installation id pattern: invalid_message, never a request (a `..` survives encoding)."""
+    with pytest.raises(ContractError) as caught:
+        request_for(installation_id=installation_id)
+    assert caught.value.reason is Reason.INVALID_MESSAGE
+    with pytest.raises(ContractError):
+        events_path(installation_id)
+
+
+@given(st.text(max_size=140) | st.from_regex(r"[A-Za-z0-9_.%/-]{1,130}", fullmatch=True))
+def test_no_request_ever_leaves_the_one_segment_path(installation_id: str) -> None:
+    """Whatever the id, the contract and the path builder agree: either it is refused as
+    invalid, or the request goes to `/v1/installations/{one plain segment}/events`."""
+    body = orjson.dumps(event(installation_id=installation_id))
+    try:
+        path = translate(parse_event(body, max_bytes=10_000)).path
+    except ContractError:
+        return
+    assert ONE_SEGMENT.fullmatch(path)
+    assert path.split("/")[3] not in (".", "..")

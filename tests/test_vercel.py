@@ -140,3 +140,57 @@ async def test_runaway_success_body_is_not_read_whole(
     delivered = await client.send(REQUEST, TOKENS["icfg_alpha"])
     assert delivered.status == 200
     assert (await client.send(REQUEST, TOKENS["icfg_alpha"])).status == 201
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_never_followed_nor_a_delivery(
+    client: VercelClient, sim: VercelSimulator, status: int
+) -> None:
+    """Issue 11 case 5: a 3xx pointing at a page that answers 200 (302/303 turned the POST
+    into a GET there) or at the events endpoint itself (307/308 re-POST) is not followed: it
+    is VercelUnavailable (retried) with a detail naming the redirect, and nothing is created."""
+    assert sim.url is not None
+    target = "/_sim/stats" if status in (301, 302, 303) else REQUEST.path
+    location = f"{sim.url}{target}?token=secret"
+    sim.add_fault(Fault(status=status, headers={"Location": location}, times=1))
+    with pytest.raises(VercelUnavailable) as caught:
+        await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert caught.value.status == status
+    assert f"redirect to {sim.url}{target}, not followed" in caught.value.detail
+    assert "secret" not in caught.value.detail
+    assert sim.accepted == []
+    assert sim.requests == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-RateLimit-Remaining": "²", "X-RateLimit-Reset": "1"},
+        {"X-RateLimit-Remaining": "5", "X-RateLimit-Reset": "9" * 400},
+        {"X-RateLimit-Limit": "٣", "X-RateLimit-Remaining": "1", "X-RateLimit-Reset": "x"},
+        {"Retry-After": "9" * 400},
+    ],
+)
+async def test_a_2xx_with_garbage_rate_limit_headers_is_delivered(
+    client: VercelClient, sim: VercelSimulator, headers: dict[str, str]
+) -> None:
+    """Issue 11 case 4: non-ASCII digits or absurd numbers in X-RateLimit-* on a 2xx are
+    ignored; the event is Delivered (an exception here made it an internal-error retry: a
+    duplicate)."""
+    sim.add_fault(Fault(status=201, body=b"", headers=headers, times=1))
+    delivered = await client.send(REQUEST, TOKENS["icfg_alpha"])
+    assert delivered.status == 201
+    assert delivered.quota is None
+
+
+async def test_a_2xx_whose_body_is_cut_short_is_still_delivered(
+    client: VercelClient, sim: VercelSimulator
+) -> None:
+    """A 201 status line, then the connection closes mid-body: the event was created, so it
+    is Delivered (a transport error here meant a retry, i.e. a duplicate); a 500 cut short is
+    still a failure."""
+    sim.add_fault(Fault(truncate=True, times=1))
+    assert (await client.send(REQUEST, TOKENS["icfg_alpha"])).status == 201
+    sim.add_fault(Fault(status=500, truncate=True, times=1))
+    with pytest.raises(VercelUnavailable):
+        await client.send(REQUEST, TOKENS["icfg_alpha"])

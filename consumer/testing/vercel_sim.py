@@ -12,9 +12,10 @@ A rate limit per installation (`set_rate_limit`) works like Vercel's: a fixed wi
 requests, `X-RateLimit-Limit/-Remaining/-Reset` (epoch seconds) on every answer for it, and
 429 with `Retry-After` beyond it (counted in `by_status["429"]`).
 
-Faults (`Fault`) turn it into a misbehaving Vercel: a status with an optional Retry-After, added
-latency, a dropped connection, or bytes that are not HTTP, for one installation or all, a
-number of times or until cleared.
+Faults (`Fault`) turn it into a misbehaving Vercel: a status with an optional Retry-After and
+any other headers (a redirect's `Location`, `X-RateLimit-*`), added latency, a dropped
+connection, or bytes that are not HTTP, for one installation or all, a number of times or until
+cleared.
 
 - Tests use it in-process: `async with VercelSimulator({"icfg_1": "tok"}) as sim:` starts it on
   a free port of 127.0.0.1 (`sim.url`), and assert on `sim.accepted` / `sim.add_fault(...)`.
@@ -27,7 +28,14 @@ number of times or until cleared.
   to compute publish-to-delivery latency over 100,000 events).
 
 The hot path does no logging (the access log is off) so that it can take benchmark load.
-This module imports nothing from the consumer it stands in front of.
+Memory is bounded: at most `max_recorded` (1,000,000) accepted and refused requests are kept,
+the rest only counted (`unrecorded` in the stats). This module imports nothing from the
+consumer it stands in front of.
+
+Not for a shared network: the `/_sim/*` admin endpoints are unauthenticated (anyone who reaches
+the port can inject faults or read the events), and the simulator binds 127.0.0.1 unless told
+otherwise (`vercel-consumer sim --host`). Fault JSON is validated strictly (pydantic, unknown
+fields refused, latency finite and at most 600 s).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_BODY_BYTES = 64 * 1024
 EVENTS_PATH = "/v1/installations/{installation_id}/events"
@@ -67,16 +76,8 @@ _ERROR_CODES = {
     504: "gateway_timeout",
 }
 _GARBAGE = b"\x00\x01\x02 this is not HTTP \xff\xfe\r\n\r\n"
-_FAULT_FIELDS: dict[str, tuple[type, ...]] = {
-    "status": (int, type(None)),
-    "retry_after": (str, type(None)),
-    "latency": (int, float),
-    "drop": (bool,),
-    "garbage": (bool,),
-    "body": (str, type(None)),
-    "installation": (str, type(None)),
-    "times": (int, type(None)),
-}
+MAX_FAULT_LATENCY = 600.0  # seconds: a longer one is a typo, not a test
+MAX_RECORDED = 1_000_000  # accepted and refused requests kept; beyond, only counted
 
 
 @dataclass
@@ -88,9 +89,11 @@ class Fault:
     latency: float = 0.0  # seconds to sleep first; alone, the request is then handled normally
     drop: bool = False  # close the connection without an answer
     garbage: bool = False  # write bytes that are not HTTP, then close
+    truncate: bool = False  # answer `status` (201) promising 1000 bytes of body, send 3, close
     body: bytes | None = None  # body of the `status` answer; default: Vercel's error shape
     installation: str | None = None  # only requests for this installation id; None: all
     times: int | None = None  # apply to this many matching requests, then vanish; None: forever
+    headers: dict[str, str] | None = None  # more headers on the `status` answer (Location, ...)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Refused:
-    """A request that a status fault answered instead of handling it."""
+    """A request that a status (or truncate) fault answered instead of handling it."""
 
     installation_id: str
     status: int
@@ -171,7 +174,12 @@ class VercelSimulator:
         *,
         tokens_dir: Path | None = None,
         latency: float = 0.0,
+        max_recorded: int = MAX_RECORDED,
     ) -> None:
+        if not (math.isfinite(latency) and latency >= 0):
+            raise ValueError("latency must be a finite number of seconds, at least 0")
+        self.max_recorded = max_recorded
+        self.unrecorded = 0
         self._tokens: dict[str, str] = dict(tokens or {})
         self._tokens_dir = tokens_dir
         self._removed: set[str] = set()
@@ -206,6 +214,7 @@ class VercelSimulator:
         self.accepted.clear()
         self.refused.clear()
         self.requests = 0
+        self.unrecorded = 0
         self.max_in_flight = 0
         self.client_ports.clear()
         self.by_status.clear()
@@ -228,14 +237,15 @@ class VercelSimulator:
     def stats(self) -> dict[str, Any]:
         """Counters as served by `GET /_sim/stats`.
 
-        `by_status` counts answers by status code, plus "dropped" and "garbage" for connections a
-        fault broke instead of answering.
+        `by_status` counts answers by status code, plus "dropped", "garbage" and "truncated" for
+        connections a fault broke instead of answering.
         """
         return {
             "accepted": len(self.accepted),
             "requests": self.requests,
             "max_in_flight": self.max_in_flight,
             "by_status": dict(self.by_status),
+            "unrecorded": self.unrecorded,
         }
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -325,11 +335,20 @@ class VercelSimulator:
             self.by_status[str(reject.status)] += 1
             return _error_response(reject.status, reject.message, {**headers, **reject.headers})
         vercel_id, request_headers = headers["x-vercel-id"], _safe_headers(request)
-        self.accepted.append(
-            Accepted(installation_id, event, time.time(), vercel_id, request_headers, arrived_at)
+        accepted = Accepted(
+            installation_id, event, time.time(), vercel_id, request_headers, arrived_at
         )
+        self._record(self.accepted, accepted)
         self.by_status["201"] += 1
         return web.Response(status=201, headers=headers)
+
+    def _record(self, entries: list[Any], entry: Any) -> None:
+        """Keep an answered request for the tests, up to `max_recorded` of each kind: memory is
+        bounded however long the simulator runs; `unrecorded` counts what was not kept."""
+        if len(entries) < self.max_recorded:
+            entries.append(entry)
+        else:
+            self.unrecorded += 1
 
     def _take_fault(self, installation_id: str) -> Fault | None:
         for active in self._faults:
@@ -349,34 +368,45 @@ class VercelSimulator:
         """The fault's answer, or None to continue with normal handling."""
         if fault.latency > 0:
             await asyncio.sleep(fault.latency)
-        if fault.drop or fault.garbage:
-            return self._break_connection(request, garbage=fault.garbage)
+        if fault.truncate:  # recorded: its status line is an answer
+            await self._record_refused(request, fault.status or 201, fault, arrived_at)
+        if fault.drop or fault.garbage or fault.truncate:
+            return self._break_connection(request, fault)
         if fault.status is None:
             return None
         vercel_id = self._new_vercel_id()
         headers = {"x-vercel-id": vercel_id}
         if fault.retry_after is not None:
             headers["Retry-After"] = fault.retry_after
+        headers.update(fault.headers or {})
         self.by_status[str(fault.status)] += 1
-        event = await _event_or_none(request)
-        installation_id = request.match_info["installation_id"]
-        answered_at = time.time()
-        refused = Refused(
-            installation_id, fault.status, fault.retry_after, arrived_at, answered_at, event
-        )
-        self.refused.append(refused)
+        await self._record_refused(request, fault.status, fault, arrived_at)
         if fault.body is None:
             return _error_response(fault.status, "fault injected by the simulator", headers)
         content_type = _JSON if fault.body.lstrip()[:1] in (b"{", b"[") else "text/plain"
         headers["Content-Type"] = content_type
         return web.Response(status=fault.status, body=fault.body, headers=headers)
 
-    def _break_connection(self, request: web.Request, *, garbage: bool) -> web.StreamResponse:
-        self.by_status["garbage" if garbage else "dropped"] += 1
+    async def _record_refused(
+        self, request: web.Request, status: int, fault: Fault, arrived_at: float
+    ) -> None:
+        event = await _event_or_none(request)
+        installation_id = request.match_info["installation_id"]
+        refused = Refused(
+            installation_id, status, fault.retry_after, arrived_at, time.time(), event
+        )
+        self._record(self.refused, refused)
+
+    def _break_connection(self, request: web.Request, fault: Fault) -> web.StreamResponse:
+        kind = "garbage" if fault.garbage else "truncated" if fault.truncate else "dropped"
+        self.by_status[kind] += 1
         transport = request.transport
         if transport is not None:
-            if garbage:
+            if fault.garbage:
                 transport.write(_GARBAGE)
+            elif fault.truncate:
+                status = fault.status or 201
+                transport.write(f'HTTP/1.1 {status} X\r\nContent-Length: 1000\r\n\r\n{{"a'.encode())
             transport.close()
         return web.Response()  # never sent: aiohttp discards it on the closed transport
 
@@ -589,32 +619,37 @@ def _arrival_json(entry: Accepted) -> list[Any]:
     return [entry.event.get("resourceId"), entry.received_at]
 
 
+class _FaultSpec(BaseModel):
+    """A Fault as `POST /_sim/faults` takes it: strict types, no unknown fields, finite
+    numbers; the bounds keep a test's typo from wedging a shared simulator."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    status: int | None = Field(None, ge=100, le=599)
+    retry_after: str | None = Field(None, max_length=1024)
+    latency: float = Field(0.0, ge=0, le=MAX_FAULT_LATENCY, allow_inf_nan=False)
+    drop: bool = False
+    garbage: bool = False
+    truncate: bool = False
+    body: str | None = Field(None, max_length=MAX_BODY_BYTES)
+    installation: str | None = Field(None, max_length=256)
+    times: int | None = Field(None, ge=1)
+    headers: dict[str, str] | None = Field(None, max_length=32)
+
+
 def fault_from_json(data: Any) -> Fault:
     """A Fault from its JSON form (as `POST /_sim/faults` takes it); ValueError when invalid."""
-    if not isinstance(data, dict):
-        raise ValueError("a fault must be a JSON object")
-    unknown = set(data) - set(_FAULT_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
-    for name, value in data.items():
-        allowed = _FAULT_FIELDS[name]
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise ValueError(f"{name} has the wrong type")
-    fields: dict[str, Any] = dict(data)
-    if isinstance(fields.get("body"), str):
+    try:
+        spec = _FaultSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = exc.errors(include_input=False, include_url=False, include_context=False)
+        raise ValueError(
+            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'fault'}: {e['msg']}" for e in problems)
+        ) from None
+    fields = spec.model_dump()
+    if fields["body"] is not None:
         fields["body"] = fields["body"].encode("utf-8")
-    fault = Fault(**fields)
-    _check_fault(fault)
-    return fault
-
-
-def _check_fault(fault: Fault) -> None:
-    if fault.status is not None and not 100 <= fault.status <= 599:
-        raise ValueError("status must be between 100 and 599")
-    if fault.latency < 0:
-        raise ValueError("latency must not be negative")
-    if fault.times is not None and fault.times < 1:
-        raise ValueError("times must be at least 1")
+    return Fault(**fields)
 
 
 async def serve(

@@ -87,6 +87,15 @@ app.kubernetes.io/component: worker
 {{- if .Values.tokens.fallback.existingSecret }}{{ .Values.tokens.fallback.existingSecretKey }}{{ else }}vercel-token{{ end }}
 {{- end }}
 
+{{/* Where the outbox relay's DSN comes from: an existing Secret, or the chart's. */}}
+{{- define "vec.outboxSecretName" -}}
+{{- default (include "vec.secretName" .) .Values.outbox.existingSecret }}
+{{- end }}
+
+{{- define "vec.outboxSecretKey" -}}
+{{- if .Values.outbox.existingSecret }}{{ .Values.outbox.existingSecretKey }}{{ else }}outbox-dsn{{ end }}
+{{- end }}
+
 {{/* Seconds Kubernetes waits after SIGTERM: longer than the worker's own shutdown timeout. */}}
 {{- define "vec.terminationGracePeriodSeconds" -}}
 {{- $timeout := float64 .Values.config.shutdownTimeout }}

@@ -3,7 +3,7 @@
 Everything in it comes from the modules that define it: the exchange, bindings and queue
 arguments from `topology`, the message schema from `contract.json_schema()`, the CloudEvents
 attributes and prefixes from `cloudevents`, the W3C `traceparent` header from `tracing`, the
-dead-letter headers and reasons from `deadletter` and `errors`. `vercel-consumer asyncapi`
+dead-letter headers and reasons from `headers` and `errors`. `vercel-consumer asyncapi`
 prints it; `docs/asyncapi.yaml` is its committed copy (a test fails when that is stale, and
 the official AsyncAPI parser validates it: tools/asyncapi-validate).
 """
@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from consumer import __version__, cloudevents, deadletter
+from consumer import headers as ours
 from consumer.contract import json_schema
 from consumer.errors import Reason
 from consumer.topology import BINDINGS, Topology, dead_lettering_to
@@ -285,28 +286,28 @@ def _relay_headers() -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
-            deadletter.ATTEMPTS: {"type": "integer"},
-            deadletter.FIRST_ATTEMPT_AT: _TIME,
-            deadletter.ORIGINAL_EXCHANGE: text,
-            deadletter.ORIGINAL_ROUTING_KEY: text,
-            deadletter.ORIGINAL_USER_ID: text,
-            deadletter.LAST_ERROR: text,
-            deadletter.DROPPED_HEADERS: text,
+            ours.ATTEMPTS: {"type": "integer"},
+            ours.FIRST_ATTEMPT_AT: _TIME,
+            ours.ORIGINAL_EXCHANGE: text,
+            ours.ORIGINAL_ROUTING_KEY: text,
+            ours.ORIGINAL_USER_ID: text,
+            ours.LAST_ERROR: text,
+            ours.DROPPED_HEADERS: text,
         },
     }
 
 
 def _dead_letter_headers() -> dict[str, Any]:
     headers = _relay_headers()
-    headers["required"] = [deadletter.REASON, deadletter.DETAIL, deadletter.DEAD_LETTERED_AT]
+    headers["required"] = [ours.REASON, ours.DETAIL, ours.DEAD_LETTERED_AT]
     headers["properties"].update(
         {
-            deadletter.REASON: {"type": "string", "enum": [reason.value for reason in Reason]},
-            deadletter.DETAIL: {"type": "string", "maxLength": deadletter.MAX_DETAIL_BYTES},
-            deadletter.HTTP_STATUS: {"type": "integer"},
-            deadletter.DEAD_LETTERED_AT: _TIME,
-            deadletter.REPLAY_COUNT: {"type": "integer"},
-            deadletter.REPLAYED_AT: _TIME,
+            ours.REASON: {"type": "string", "enum": [reason.value for reason in Reason]},
+            ours.DETAIL: {"type": "string", "maxLength": deadletter.MAX_DETAIL_BYTES},
+            ours.HTTP_STATUS: {"type": "integer"},
+            ours.DEAD_LETTERED_AT: _TIME,
+            ours.REPLAY_COUNT: {"type": "integer"},
+            ours.REPLAYED_AT: _TIME,
         }
     )
     return headers

@@ -5,7 +5,7 @@ Commands: `run` (the worker), `sim` (a local Vercel simulator), `publish` (domai
 `schema` (print the contract's JSON Schema), `asyncapi` (its AsyncAPI 3.0 document), and
 `dlq stats|list|replay|purge|import`
 (dead-letter operations: their commands are in consumer/dlq/cli.py, the mechanics in
-consumer/dlq/ops.py, the runbook in docs/operations.md), and `outbox init|sql|relay` (the
+consumer/dlq/, the runbook in docs/operations.md), and `outbox init|sql|relay` (the
 transactional outbox: consumer/outbox/cli.py, docs/outbox.md). Bad configuration or input ends
 with one line on stderr and exit status 2; an unreachable broker or database, a missing queue or
 a failed operation with exit status 1.

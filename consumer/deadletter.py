@@ -8,8 +8,9 @@ default exchange. Only when the broker has confirmed may the caller ack the orig
 Headers we own: `delivery-attempts`, `first-attempt-at`, `original-exchange`,
 `original-routing-key`, `last-error` (retries), `dead-letter-reason`, `dead-letter-detail`,
 `dead-letter-http-status`, `dead-lettered-at` (dead letters) and `replay-count`, `replayed-at`
-(set by `vercel-consumer dlq replay`, see consumer/dlq/ops.py). The broker's `x-delivery-count` is
-dropped from copies: it counts deliveries of the original, and a copy starts afresh.
+(set by `vercel-consumer dlq replay`); their names are in consumer/headers.py. The broker's
+`x-delivery-count` is dropped from copies: it counts deliveries of the original, and a copy
+starts afresh.
 
 Our headers come from us, never from the publisher. On a message from a named exchange (a
 publisher's, or `dlq replay --to-origin`) every one of them is dropped before we read it or set
@@ -47,26 +48,28 @@ import pamqp.encode
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
 
 from consumer.errors import BrokerError
+from consumer.headers import (
+    ATTEMPTS,
+    DEAD_LETTERED_AT,
+    DELIVERY_COUNT,
+    DETAIL,
+    DROPPED_HEADERS,
+    FIRST_ATTEMPT_AT,
+    HTTP_STATUS,
+    LAST_ERROR,
+    NOT_COPIED,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+    ORIGINAL_USER_ID,
+    PROPERTIES,
+    REASON,
+    REPLAY_COUNT,
+    REPLAYED_AT,
+)
 from consumer.retry import DeadLetter, Retry
 from consumer.topology import Topology, broker_errors
 
-ATTEMPTS = "delivery-attempts"
-FIRST_ATTEMPT_AT = "first-attempt-at"
-ORIGINAL_EXCHANGE = "original-exchange"
-ORIGINAL_ROUTING_KEY = "original-routing-key"
-ORIGINAL_USER_ID = "original-user-id"
-LAST_ERROR = "last-error"
-REASON = "dead-letter-reason"
-DETAIL = "dead-letter-detail"
-HTTP_STATUS = "dead-letter-http-status"
-DEAD_LETTERED_AT = "dead-lettered-at"
-REPLAY_COUNT = "replay-count"
-REPLAYED_AT = "replayed-at"
 MAX_DETAIL_BYTES = 1024
-# Set by quorum queues: how often the broker delivered this copy before without an ack. Ours
-# only for reading; never carried over to a copy, which is a new message.
-DELIVERY_COUNT = "x-delivery-count"
-DROPPED_HEADERS = "dropped-headers"
 # Never dropped to make room: what this copy is about, each of bounded size.
 VERDICT_HEADERS = frozenset(
     {ATTEMPTS, LAST_ERROR, REASON, DETAIL, HTTP_STATUS, DEAD_LETTERED_AT, REPLAY_COUNT, REPLAYED_AT}
@@ -353,17 +356,10 @@ def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_
     publishable, see `publishable_headers`), and neither `expiration` (it would let the copy
     vanish) nor `user_id` (the broker checks it against our login; callers keep it as the
     `original-user-id` header)."""
+    kept = {name: getattr(message, name) for name in PROPERTIES if name not in NOT_COPIED}
     return aio_pika.Message(
         message.body,
         headers=publishable_headers(headers),
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
+        **kept,
     )

@@ -202,3 +202,10 @@ class RequestRate:
             return 0.0
         await self._sleep(slot - now)
         return slot - now
+
+    async def ready(self) -> None:
+        """Wait until the next slot is free, without taking it (`acquire` then goes at once)."""
+        if self._interval:
+            delay = self._next_free - self._clock()
+            if delay > 0:
+                await self._sleep(delay)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,19 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.dlq.export import ExportedMessage, decode_line, encode_line
+from consumer.dlq.cli import parse_moment, parse_reason, parse_status
+from consumer.dlq.export import ExportedMessage, ExportFile, decode_line, encode_line
+from consumer.dlq.model import DeadLetterInfo, Filter, summarize
 from consumer.dlq.progress import ProgressBar, ProgressLines
-from consumer.dlq.view import (
-    DeadLetterInfo,
-    Filter,
-    parse_moment,
-    parse_reason,
-    parse_status,
-    render_list,
-    render_stats,
-    replay_headers,
-    summarize,
-)
+from consumer.dlq.render import render_list, render_stats
+from consumer.dlq.replay import replay_headers
+from consumer.dlq.restore import check_export, imported
 from consumer.errors import ConfigError
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -265,3 +260,129 @@ def test_progress_bar_redraws_one_line() -> None:
     assert text.startswith("\rreplay [")
     assert text.endswith("\n")
     assert "5/10" in text
+
+
+# ── hostile headers and files (issue 11) ──────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "not a time", ""]
+)
+def test_an_odd_dead_lettered_at_never_crashes_the_views(stamp: str) -> None:
+    """A `dead-lettered-at` UTC cannot hold (or no time at all) reads as unknown: stats,
+    the list and the time filters work, and the row says `-`."""
+    info = DeadLetterInfo.read(b"{}", ours(**{"dead-lettered-at": stamp}))
+    assert info.dead_lettered_at is None
+    assert render_stats(summarize([info])).startswith("1 dead letters")
+    assert "-" in render_list([info])
+    assert not Filter(since=NOW).matches(info)
+    assert info.as_json()["dead_lettered_at"] is None
+
+
+@given(st.text())
+def test_printed_values_cannot_forge_or_hide_rows(value: str) -> None:
+    """Whatever an id, type or installation holds (newlines, escape sequences, bidi
+    controls), `dlq list` prints one line per dead letter and no character a terminal acts
+    on."""
+    body = orjson.dumps({"id": value, "type": value, "installation_id": value})
+    table = render_list([DeadLetterInfo.read(body, ours())])
+    lines = table.split("\n")
+    assert len(lines) == 2  # the header and this one row
+    assert all(char.isprintable() for line in lines for char in line)
+
+
+def test_import_drops_expiration_and_keeps_user_id_as_a_header() -> None:
+    """An imported dead letter cannot expire from the DLQ; its user_id becomes a header."""
+    record = ExportedMessage(b"{}", {"expiration": "1000", "user_id": "someone", "headers": {}})
+    message = imported(record)
+    assert message.expiration is None
+    assert message.user_id is None
+    assert message.headers["original-user-id"] == "someone"
+
+
+@pytest.mark.parametrize(
+    ("properties", "says"),
+    [
+        ({"priority": 1000}, "record 2 cannot be published"),
+        ({"headers": {"at": {"$datetime": "0001-01-01T00:00:00"}}}, "record 2 cannot be"),
+        ({"headers": "not a table"}, "line 2 is not a dead-letter export record"),
+    ],
+)
+def test_check_export_names_the_first_bad_record(
+    properties: dict[str, Any], says: str, tmp_path: Path
+) -> None:
+    """A record that AMQP cannot carry is found before anything is published, by number."""
+    good = encode_line(ExportedMessage(b"{}", {"message_id": "evt_1", "headers": {}}))
+    bad = orjson.dumps(
+        {"format": "vercel-consumer.dlq-export.v1", "body_base64": "e30=", "properties": properties}
+    )
+    path = tmp_path / "export.jsonl"
+    path.write_bytes(good + bad + b"\n" + good)
+    with pytest.raises(ConfigError, match=says):
+        check_export(path)
+
+
+def test_check_export_refuses_an_endless_line(tmp_path: Path, monkeypatch: Any) -> None:
+    """A line longer than MAX_LINE_BYTES (as /dev/zero gives) ends in one sentence, having
+    read no more than that."""
+    monkeypatch.setattr("consumer.dlq.export.MAX_LINE_BYTES", 1024)
+    path = tmp_path / "zeros"
+    path.write_bytes(b"\0" * 4096)
+    with pytest.raises(ConfigError, match="line 1 is longer than"):
+        check_export(path)
+
+
+def test_an_export_is_cut_back_to_what_was_committed(tmp_path: Path) -> None:
+    """Closing an export keeps exactly the committed records (whose messages were deleted);
+    discarding one frees its name."""
+    record = ExportedMessage(b"{}", {"headers": {}})
+    kept = ExportFile(tmp_path / "kept.jsonl")
+    kept.append(record)
+    kept.commit()
+    kept.append(record)  # its message was never deleted
+    kept.close()
+    assert (tmp_path / "kept.jsonl").read_bytes() == encode_line(record)
+    dropped = ExportFile(tmp_path / "dropped.jsonl")
+    dropped.append(record)
+    dropped.discard()
+    assert not (tmp_path / "dropped.jsonl").exists()
+    ExportFile(tmp_path / "dropped.jsonl").discard()  # the name is free again
+
+
+ODD_TIMES = st.datetimes(
+    timezones=st.timedeltas(min_value=timedelta(hours=-23), max_value=timedelta(hours=23)).map(
+        timezone
+    )
+)
+OUR_NAMES = (
+    "dead-letter-reason",
+    "dead-letter-detail",
+    "dead-letter-http-status",
+    "dead-lettered-at",
+    "delivery-attempts",
+    "first-attempt-at",
+    "original-exchange",
+    "original-routing-key",
+    "replay-count",
+    "x-death",
+    "x-first-death-reason",
+    "x-first-death-queue",
+)
+ANY_VALUE = HEADER_VALUES | ODD_TIMES | ODD_TIMES.map(lambda moment: moment.isoformat())
+DEATHS = st.lists(st.dictionaries(st.sampled_from(["time", "reason", "exchange"]), ANY_VALUE))
+
+
+@given(
+    body=st.binary(max_size=64),
+    headers=st.dictionaries(st.sampled_from(OUR_NAMES), ANY_VALUE | DEATHS),
+)
+def test_no_header_value_crashes_a_view(body: bytes, headers: dict[str, Any]) -> None:
+    """Whatever our headers and the broker's hold (any type, times at any offset and at the
+    ends of the calendar, forged x-death lists), a dead letter reads, filters, counts, renders
+    and gets replay headers without an error."""
+    info = DeadLetterInfo.read(body, headers)
+    Filter(since=NOW, until=NOW, status="4xx", type_glob="*").matches(info)
+    render_stats(summarize([info, info]))
+    render_list([info])
+    info.as_json()
+    replay_headers(headers, NOW)

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "consumer"
 # Lower number = lower layer. A module may import its own layer or lower ones, never higher.
 LAYERS = {
     "errors": 0,
+    "headers": 0,
     "settings": 1,
     "logs": 1,
     "dlq.progress": 1,
@@ -46,11 +47,15 @@ LAYERS = {
     "acking": 3,
     "coalescing": 3,
     "health": 3,
-    "dlq.view": 3,
+    "dlq.model": 3,
+    "dlq.session": 3,
     "handler": 4,
     "worker": 4,
     "outbox.relay": 4,
-    "dlq.ops": 4,
+    "dlq.replay": 4,
+    "dlq.purge": 4,
+    "dlq.restore": 4,
+    "dlq.render": 5,
     "app": 5,
     "cli": 6,
     "dlq.cli": 6,
@@ -58,6 +63,7 @@ LAYERS = {
     "__main__": 7,
 }
 PURE = (
+    "headers",
     "amqpurl",
     "backoff",
     "accepted",

@@ -10,7 +10,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel
 
-from consumer.deadletter import FIRST_ATTEMPT_AT
+from consumer.headers import FIRST_ATTEMPT_AT
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from tests.conftest import drain_queue, event, wait_for_dead_letters, wait_until

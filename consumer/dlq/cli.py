@@ -1,6 +1,7 @@
 """`vercel-consumer dlq stats|list|replay|purge|import`: the dead-letter commands' arguments,
-and the wiring from settings to consumer/dlq/ops.py. Part of the CLI (consumer/cli.py adds these
-commands to its parser); like it, the only kind of module that reads settings.
+their parsing, and the wiring from settings to consumer/dlq/'s session, replay, purge and
+restore. Part of the CLI (consumer/cli.py adds these commands to its parser); like it, the only
+kind of module that reads settings.
 
 Exit status: 0 done; 1 broker unreachable, queue missing, another dlq command still busy, a
 failed message or an unconfirmed purge; 2 bad usage. The runbook is docs/operations.md.
@@ -10,36 +11,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import re
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from consumer.dlq.ops import (
-    ReplayOptions,
-    Scan,
-    collect,
+from consumer.dlq.model import DeadLetterInfo, Filter, Stats, in_utc, known_reasons
+from consumer.dlq.progress import progress_for
+from consumer.dlq.purge import purge
+from consumer.dlq.render import (
     describe_import,
     describe_purge,
     describe_replay,
-    import_export,
-    locked_session,
-    purge,
-    read_export,
-    render_purge_preview,
-    replay,
-)
-from consumer.dlq.progress import progress_for
-from consumer.dlq.view import (
-    DeadLetterInfo,
-    Filter,
-    parse_moment,
-    parse_reason,
-    parse_status,
+    describe_scan,
     render_list,
+    render_purge_preview,
     render_stats,
-    summarize,
+    scan_notes,
 )
+from consumer.dlq.replay import ReplayOptions, replay
+from consumer.dlq.restore import check_export, import_export
+from consumer.dlq.session import DlqSession, Scan, each_kept, locked_session, look
 from consumer.errors import ConfigError
 from consumer.settings import Settings, load_settings
 from consumer.topology import Topology, connection_name
@@ -133,6 +128,41 @@ def _number(kind: type[int] | type[float], *, zero: bool) -> Any:
     return parse
 
 
+_STATUS = re.compile(r"^[1-5]([0-9]{2}|xx)$")
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_reason(text: str) -> str:
+    if text not in known_reasons():
+        raise ConfigError(f"--reason {text!r}: expected one of {', '.join(known_reasons())}")
+    return text
+
+
+def parse_status(text: str) -> str:
+    wanted = text.strip().lower()
+    if not _STATUS.match(wanted):
+        raise ConfigError(f"--status {text!r}: expected an HTTP status such as 404, or 4xx")
+    return wanted
+
+
+def parse_moment(text: str, *, now: datetime | None = None) -> datetime:
+    """An ISO 8601 time (UTC when it has no offset) or a time ago: 30m, 2h, 7d."""
+    relative = _RELATIVE.match(text.strip())
+    if relative:
+        ago = timedelta(**{_UNITS[relative.group(2)]: int(relative.group(1))})
+        return (now or datetime.now(UTC)) - ago
+    try:
+        moment = in_utc(datetime.fromisoformat(text.strip()))
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise ConfigError(
+            f"{text!r} is neither an ISO 8601 time (2026-11-26T10:00:00Z) nor an age (2h)"
+        )
+    return moment
+
+
 def dlq_command(args: argparse.Namespace) -> None:
     settings = load_settings()
     asyncio.run(args.dlq_action(args, settings))
@@ -153,7 +183,9 @@ def _dead_letter_queue(settings: Settings) -> str:
     return Topology(settings.exchange, settings.queue, ()).dead_letter_queue
 
 
-def _dlq_session(args: argparse.Namespace, settings: Settings) -> Any:
+def _dlq_session(
+    args: argparse.Namespace, settings: Settings
+) -> contextlib.AbstractAsyncContextManager[DlqSession]:
     """The DLQ's lock and one pass over it, for this command."""
     return locked_session(
         settings.broker_urls(),
@@ -165,15 +197,17 @@ def _dlq_session(args: argparse.Namespace, settings: Settings) -> Any:
 
 
 def _warn(scan: Scan) -> None:
-    for line in scan.warnings():
+    for line in scan_notes(scan):
         print(line, file=sys.stderr)
 
 
 async def _dlq_stats(args: argparse.Namespace, settings: Settings) -> None:
     wanted = _dlq_filter(args)
+    stats = Stats()
     async with _dlq_session(args, settings) as session:
-        matched = await collect(session, wanted, None)
-    stats = summarize(info for _, info in matched)
+        async for info in each_kept(session):
+            if wanted.matches(info):
+                stats.add(info)
     if args.json:
         print(json.dumps({**stats.as_json(), **session.scan.as_json()}, indent=2))
     else:
@@ -184,12 +218,12 @@ async def _dlq_stats(args: argparse.Namespace, settings: Settings) -> None:
 async def _dlq_list(args: argparse.Namespace, settings: Settings) -> None:
     wanted = _dlq_filter(args)
     async with _dlq_session(args, settings) as session:
-        infos = [info for _, info in await collect(session, wanted, args.limit)]
+        infos = await look(session, wanted, args.limit)
     if args.json:
         print(json.dumps([info.as_json() for info in infos], indent=2))
     else:
         print(render_list(infos) if infos else "no dead letter matches")
-        print(f"\n{len(infos)} shown; {session.scan.describe()}; all are still in the DLQ")
+        print(f"\n{len(infos)} shown; {describe_scan(session.scan)}; all are still in the DLQ")
     _warn(session.scan)
 
 
@@ -197,6 +231,7 @@ async def _dlq_replay(args: argparse.Namespace, settings: Settings) -> None:
     wanted = _dlq_filter(args)
     options = ReplayOptions(
         work_queue=settings.queue,
+        exchange=settings.exchange,
         limit=args.limit,
         rate=args.rate,
         to_origin=args.to_origin,
@@ -239,11 +274,11 @@ async def _dlq_purge(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _dlq_import(args: argparse.Namespace, settings: Settings) -> None:
-    records = read_export(args.file)
+    check_export(args.file)  # a bad file is bad usage: exit 2 before connecting
     summary = await import_export(
         settings.broker_urls(),
         _dead_letter_queue(settings),
-        records,
+        args.file,
         skip=args.skip,
         name=f"{connection_name()} dlq import",
         make_progress=lambda total: progress_for(sys.stderr, total, "import"),

@@ -9,40 +9,35 @@
 The body is base64 of the exact bytes. AMQP header values that JSON has no type for are tagged
 objects: `{"$bytes": base64}`, `{"$datetime": iso}`, `{"$decimal": "1.5"}`; a header table that
 itself has one key starting with `$` is wrapped as `{"$table": {...}}` so it cannot be taken for
-a tag. Decoding gives back the values aio-pika decoded on export. No I/O here: consumer/dlq/ops.py
-writes and reads the file.
+a tag. Decoding gives back the values aio-pika decoded on export.
+
+`ExportFile` writes a file the way purge needs it: never over an existing file (it may be the
+only copy of an earlier purge), durable (the file and its directory fsynced) before anything
+it holds is deleted, and removed again if nothing was. `records` reads one back a line at a
+time, each line bounded, so that neither a huge export nor `/dev/zero` fills memory.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from consumer.errors import ConfigError
+from consumer.headers import PROPERTIES
 
 FORMAT = "vercel-consumer.dlq-export.v1"
-# Basic properties kept, in AMQP's order; `headers` is encoded apart.
-PROPERTIES = (
-    "content_type",
-    "content_encoding",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "type",
-    "user_id",
-    "app_id",
-)
+# The longest line read back: a 16 MiB body (RabbitMQ 4's default max_message_size) in base64,
+# with room for its headers. Longer is not an export of ours.
+MAX_LINE_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +82,14 @@ def decode_line(line: bytes, *, number: int) -> ExportedMessage:
             properties["timestamp"] = datetime.fromisoformat(properties["timestamp"])
         headers = raw.get("headers") or {}
         properties["headers"] = {key: _decode(value) for key, value in headers.items()}
-    except (ValueError, KeyError, TypeError, binascii.Error, InvalidOperation) as exc:
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        binascii.Error,
+        InvalidOperation,
+    ) as exc:
         raise ConfigError(f"line {number} is not a dead-letter export record: {exc}") from None
     return ExportedMessage(body, properties)
 
@@ -133,3 +135,84 @@ def _untag(tag: str, content: Any) -> Any:
     if tag == "$table":
         return {key: _decode(item) for key, item in content.items()}
     raise ValueError(f"unknown tag {tag}")
+
+
+class ExportFile:
+    """An export being written: appended to record by record, made durable by `commit`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._committed = 0  # bytes made durable
+        try:
+            self._file = path.open("xb")
+        except FileExistsError:
+            raise ConfigError(f"{path} exists; give --export a new file name") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {exc.strerror}; nothing was deleted") from None
+
+    def append(self, record: ExportedMessage) -> None:
+        self._write(encode_line(record))
+
+    def commit(self) -> None:
+        """Make everything appended so far durable: the file's data, and its directory entry
+        (without which a crash could lose a file whose data was synced)."""
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            _fsync_directory(self.path.parent)
+            self._committed = self._file.tell()
+        except OSError as exc:
+            raise ConfigError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        """Close, keeping what was committed: records appended since (their messages were not
+        deleted) are cut off, so the file holds exactly the deleted dead letters."""
+        try:
+            if self._file.tell() != self._committed:
+                self._file.truncate(self._committed)
+                self.commit()
+        finally:
+            self._file.close()
+
+    def discard(self) -> None:
+        """Close and remove the file (nothing it holds was deleted), so the name is free."""
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def _write(self, line: bytes) -> None:
+        try:
+            self._file.write(line)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {self.path}: {exc.strerror}") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def records(path: Path) -> Iterator[ExportedMessage]:
+    """The records of an export file, one at a time; ConfigError naming the line where one
+    is not a record (blank lines are skipped)."""
+    try:
+        with path.open("rb") as file:
+            for number, line in enumerate(_lines(file, path), start=1):
+                if line.strip():
+                    yield decode_line(line, number=number)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _lines(file: Any, path: Path) -> Iterator[bytes]:
+    number = 0
+    while line := file.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise ConfigError(
+                f"{path}: line {number} is longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                "it is not a dead-letter export"
+            )
+        yield line

@@ -30,8 +30,9 @@ from aio_pika.abc import AbstractConnection
 
 import consumer.outbox.store as store
 from consumer.contract import parse_event
-from consumer.deadletter import DEAD_LETTERED_AT, DETAIL, REASON, rfc3339, truncate_utf8
+from consumer.deadletter import rfc3339, truncate_utf8
 from consumer.errors import BrokerError, ContractError, DatabaseError, Reason
+from consumer.headers import DEAD_LETTERED_AT, DETAIL, REASON
 from consumer.outbox.metrics import OutboxMetrics
 from consumer.outbox.store import OutboxRow
 from consumer.publish.publisher import EventPublisher

@@ -1,43 +1,37 @@
-"""What a dead letter says, without touching the broker: read, filter, summarise, render.
+"""What a dead letter is, and what its headers mean, without touching the broker.
 
 A dead letter is its body (byte for byte what was published; possibly not JSON at all) and its
-headers (consumer/deadletter.py's vocabulary, or the broker's `x-death` family when RabbitMQ
-itself dead-lettered it). `DeadLetterInfo.read` turns both into one row for `dlq list`;
-`Filter` decides which rows a command acts on; `Stats` counts them for `dlq stats`;
-`replay_headers` gives a replayed copy its fresh start. No I/O here: the broker side is
-consumer/dlq/ops.py.
+headers (consumer/headers.py's names, written by consumer/deadletter.py, or the broker's
+`x-death` family when RabbitMQ itself dead-lettered it). `DeadLetterInfo.read` turns both into
+one row for `dlq list`; `Filter` decides which rows a command acts on; `Stats` counts them for
+`dlq stats`. Header values come from whoever published the message: every reader here accepts
+any value and never fails. No I/O here: consumer/dlq/session.py is the broker side,
+consumer/dlq/render.py the operator's text.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from consumer.deadletter import (
-    ATTEMPTS,
+from consumer.deadletter import attempts_made, header_time, rfc3339
+from consumer.errors import Reason
+from consumer.headers import (
     DEAD_LETTERED_AT,
     DELIVERY_COUNT,
     DETAIL,
-    FIRST_ATTEMPT_AT,
     HTTP_STATUS,
-    LAST_ERROR,
     ORIGINAL_EXCHANGE,
     ORIGINAL_ROUTING_KEY,
     REASON,
     REPLAY_COUNT,
-    REPLAYED_AT,
-    attempts_made,
-    header_time,
-    rfc3339,
 )
-from consumer.errors import ConfigError, Reason
 
 # Reasons the broker writes into `x-first-death-reason` when it dead-letters by itself.
 BROKER_REASONS = ("delivery_limit", "expired", "maxlen", "rejected")
@@ -46,19 +40,6 @@ UNKNOWN_REASON = "unknown"
 # does not: with an old `x-death` the broker can see a dead-lettering cycle and drop it.
 BROKER_HEADERS = (DELIVERY_COUNT, "x-death")
 BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
-# Headers of the failed attempts, removed on replay: the attempt counter and the retry age
-# restart, and a later dead letter must not show a stale status or reason.
-FAILURE_HEADERS = (
-    ATTEMPTS,
-    FIRST_ATTEMPT_AT,
-    LAST_ERROR,
-    REASON,
-    DETAIL,
-    HTTP_STATUS,
-    DEAD_LETTERED_AT,
-)
-DETAIL_WIDTH = 60
-TOP_ROWS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +75,7 @@ class DeadLetterInfo:
             attempts=attempts_made(headers),
             dead_lettered_at=dead_lettered_at(headers),
             detail=_detail_of(headers),
-            replay_count=_count(headers.get(REPLAY_COUNT)),
+            replay_count=replay_count(headers),
             body_bytes=len(body),
             valid_json=valid_json,
         )
@@ -137,6 +118,11 @@ def _count(value: Any) -> int:
     return value if _is_int(value) and value >= 0 else 0
 
 
+def replay_count(headers: Mapping[str, Any]) -> int:
+    """How often `dlq replay` has moved this message back before (0 when unreadable)."""
+    return _count(headers.get(REPLAY_COUNT))
+
+
 def _latest_death(headers: Mapping[str, Any]) -> Mapping[str, Any]:
     """The newest `x-death` entry (the broker keeps them newest first), or {}."""
     deaths = headers.get("x-death")
@@ -164,15 +150,22 @@ def _detail_of(headers: Mapping[str, Any]) -> str:
 
 
 def dead_lettered_at(headers: Mapping[str, Any]) -> datetime | None:
-    """When it entered the DLQ: our `dead-lettered-at`, else the newest `x-death` time."""
+    """When it entered the DLQ, in UTC: our `dead-lettered-at`, else the newest `x-death`
+    time; None when neither is a time UTC can hold (`0001-01-01T00:00:00+01:00` is not)."""
     if isinstance(headers.get(DEAD_LETTERED_AT), str):
-        return header_time(headers, DEAD_LETTERED_AT)
-    moment = _latest_death(headers).get("time")
-    return _aware(moment) if isinstance(moment, datetime) else None
+        moment = header_time(headers, DEAD_LETTERED_AT)
+    else:
+        death_time = _latest_death(headers).get("time")
+        moment = death_time if isinstance(death_time, datetime) else None
+    return in_utc(moment) if moment is not None else None
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+def in_utc(moment: datetime) -> datetime | None:
+    """`moment` in UTC (naive means UTC already); None when that falls outside year 1-9999."""
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:
+        return None
 
 
 def origin_of(headers: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -196,33 +189,6 @@ def without_delivery_count(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     quorum queue overwrites it only from the second delivery on: a copy that kept it would
     arrive looking redelivered)."""
     return {name: value for name, value in (headers or {}).items() if name != DELIVERY_COUNT}
-
-
-def _without_broker_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """`headers` minus what the broker wrote (x-delivery-count, x-death, x-*-death-*)."""
-    return {
-        name: value
-        for name, value in headers.items()
-        if name not in BROKER_HEADERS and not name.startswith(BROKER_HEADER_PREFIXES)
-    }
-
-
-def replay_headers(headers: Mapping[str, Any] | None, now: datetime) -> dict[str, Any]:
-    """Headers of a replayed copy: a fresh start (no attempts, no failure, no broker history),
-    the original exchange and routing key kept, `replay-count` + 1 and `replayed-at` now."""
-    original = dict(headers or {})
-    exchange, routing_key = origin_of(original)
-    fresh = {
-        name: value
-        for name, value in _without_broker_headers(original).items()
-        if name not in FAILURE_HEADERS
-    }
-    if exchange is not None and routing_key is not None:
-        fresh.setdefault(ORIGINAL_EXCHANGE, exchange)
-        fresh.setdefault(ORIGINAL_ROUTING_KEY, routing_key)
-    fresh[REPLAY_COUNT] = _count(original.get(REPLAY_COUNT)) + 1
-    fresh[REPLAYED_AT] = rfc3339(now)
-    return fresh
 
 
 # ── filters ──────────────────────────────────────────────────────────────────────────────────
@@ -278,40 +244,8 @@ def _status_matches(status: int | None, wanted: str) -> bool:
     return str(status) == wanted
 
 
-_STATUS = re.compile(r"^[1-5]([0-9]{2}|xx)$")
-_RELATIVE = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
 def known_reasons() -> tuple[str, ...]:
     return (*(reason.value for reason in Reason), *BROKER_REASONS, UNKNOWN_REASON)
-
-
-def parse_reason(text: str) -> str:
-    if text not in known_reasons():
-        raise ConfigError(f"--reason {text!r}: expected one of {', '.join(known_reasons())}")
-    return text
-
-
-def parse_status(text: str) -> str:
-    wanted = text.strip().lower()
-    if not _STATUS.match(wanted):
-        raise ConfigError(f"--status {text!r}: expected an HTTP status such as 404, or 4xx")
-    return wanted
-
-
-def parse_moment(text: str, *, now: datetime | None = None) -> datetime:
-    """An ISO 8601 time (UTC when it has no offset) or a time ago: 30m, 2h, 7d."""
-    relative = _RELATIVE.match(text.strip())
-    if relative:
-        ago = timedelta(**{_UNITS[relative.group(2)]: int(relative.group(1))})
-        return (now or datetime.now(UTC)) - ago
-    try:
-        return _aware(datetime.fromisoformat(text.strip()))
-    except ValueError:
-        raise ConfigError(
-            f"{text!r} is neither an ISO 8601 time (2026-11-26T10:00:00Z) nor an age (2h)"
-        ) from None
 
 
 # ── stats ────────────────────────────────────────────────────────────────────────────────────
@@ -357,76 +291,3 @@ def summarize(infos: Iterable[DeadLetterInfo]) -> Stats:
     for info in infos:
         stats.add(info)
     return stats
-
-
-def render_stats(stats: Stats) -> str:
-    """`dlq stats` as text: a headline, then one small table per dimension."""
-    span = ""
-    if stats.oldest and stats.newest:
-        span = f", dead-lettered from {rfc3339(stats.oldest)} to {rfc3339(stats.newest)}"
-    parts = [f"{stats.total} dead letters{span}"]
-    for title, counter in (
-        ("reason", stats.by_reason),
-        ("type", stats.by_type),
-        ("installation", stats.by_installation),
-        ("http status", stats.by_status),
-    ):
-        if counter:
-            parts.append(_counter_table(title, counter))
-    return "\n\n".join(parts)
-
-
-def _counter_table(title: str, counter: Counter[str]) -> str:
-    rows = [[key, str(count)] for key, count in counter.most_common(TOP_ROWS)]
-    table = render_table([title, "count"], rows, right=(1,))
-    hidden = len(counter) - TOP_ROWS
-    return table + (f"\n… and {hidden} more (see --json)" if hidden > 0 else "")
-
-
-LIST_COLUMNS = (
-    "event id",
-    "type",
-    "installation",
-    "reason",
-    "status",
-    "attempts",
-    "dead-lettered at",
-    "detail",
-)
-
-
-def render_list(infos: Iterable[DeadLetterInfo]) -> str:
-    """`dlq list` as text: one row per dead letter, the detail shortened to fit a line."""
-    rows = [
-        [
-            info.event_id or "-",
-            info.event_type or "-",
-            info.installation_id or "-",
-            info.reason,
-            str(info.status) if info.status is not None else "-",
-            str(info.attempts),
-            rfc3339(info.dead_lettered_at) if info.dead_lettered_at else "-",
-            _shorten(info.detail or ("body is not JSON" if not info.valid_json else "-")),
-        ]
-        for info in infos
-    ]
-    return render_table(list(LIST_COLUMNS), rows, right=(4, 5))
-
-
-def _shorten(text: str, width: int = DETAIL_WIDTH) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def render_table(header: list[str], rows: list[list[str]], *, right: tuple[int, ...] = ()) -> str:
-    """A plain text table: columns as wide as their widest cell, two spaces apart."""
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        padded = [
-            cell.rjust(width) if column in right else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(padded).rstrip()
-
-    return "\n".join([line([title.upper() for title in header]), *map(line, rows)])

@@ -125,3 +125,26 @@ async def test_acks_fail_cleanly_once_the_channel_is_gone(
     assert [type(r).__name__ for r in results] == ["BrokerError", "BrokerError"]
     assert len(await _left_in_queue(channel, queue_name)) == 2
     await channel.queue_delete(queue_name)
+
+
+async def test_a_run_spans_a_rejected_delivery_without_acking_it(
+    amqp: AbstractConnection, channel: AbstractChannel, names: dict[str, str]
+) -> None:
+    """0 and 2 finish, 1 is rejected back to the queue (a republish that was not confirmed):
+    one multiple ack up to 2 settles 0 and 2, the broker takes it (no channel error for the
+    tag it spans), and 1 is the only message left, requeued."""
+    queue_name = names["queue"]
+    consumer, messages = await _deliveries(amqp, queue_name, 3)
+    acker = Acker(max_held=100, max_hold=60)
+    for message in messages:
+        acker.received(message)
+    await messages[1].reject(requeue=True)
+    acker.released(messages[1])
+    waiting = asyncio.create_task(acker.ack(messages[2]))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # 0 has not finished: 2 waits behind it
+    await asyncio.wait_for(asyncio.gather(acker.ack(messages[0]), waiting), timeout=5)
+    assert not consumer.is_closed
+    await consumer.close()
+    assert await _left_in_queue(channel, queue_name) == ["1"]
+    await channel.queue_delete(queue_name)

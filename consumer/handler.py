@@ -34,8 +34,11 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumer.accepted import AcceptedMemory
+from consumer.acking import Acker
 from consumer.breaker import CircuitBreaker
 from consumer.cloudevents import parse_message
+from consumer.coalesce import Coalescer
+from consumer.coalescing import CoalescedSend
 from consumer.contract import Event
 from consumer.deadletter import (
     Republisher,
@@ -87,6 +90,9 @@ class Handler:
         metrics: Metrics,
         accepted: AcceptedMemory | None = None,
         tracer: Tracer = NO_TRACER,
+        acker: Acker | None = None,
+        coalescer: Coalescer[Any] | None = None,
+        coalesce_window: float = 0.0,
     ) -> None:
         self._accepted = AcceptedMemory() if accepted is None else accepted
         self._vercel = vercel
@@ -101,8 +107,18 @@ class Handler:
         self._log = log
         self._metrics = metrics
         self._tracer = tracer
+        self._acker = acker  # batches this channel's acks; None: one ack frame per message
+        # One call per key for deliveries waiting together (CONSUMER_COALESCE), or one each.
+        self._deliver = self._send
+        if coalescer is not None:
+            coalesced = CoalescedSend(
+                self._send, coalescer, window=coalesce_window, on_coalesced=metrics.coalesced.inc
+            )
+            self._deliver = coalesced.send
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
+        if self._acker is not None:
+            self._acker.received(message)
         fields: dict[str, Any] = {"event_id": message.message_id}
         try:
             attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
@@ -130,7 +146,7 @@ class Handler:
                 await self._skip_accepted(message, fields)
                 return
             token = self._tokens.token_for(event.installation_id)
-            delivered = await self._send(event, token, trace_headers)
+            delivered = await self._deliver(event, token, trace_headers)
         except DeliveryError as error:
             fields.update(_error_fields(error, started))
             await self._reroute(message, error, attempts, fields)
@@ -255,8 +271,7 @@ class Handler:
         self, message: AbstractIncomingMessage, outcome: str, fields: dict[str, Any]
     ) -> None:
         try:
-            with broker_errors("acking"):
-                await message.ack()
+            await self._ack(message)
         except BrokerError as exc:
             # The channel is gone: the broker will redeliver. Vercel has a delivered event
             # already, so its redelivery to this worker is acked without a second call.
@@ -266,6 +281,13 @@ class Handler:
             return
         log = self._log.warning if outcome == "dead_lettered" else self._log.info
         log(outcome, **fields)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        if self._acker is not None:
+            await self._acker.ack(message)
+            return
+        with broker_errors("acking"):
+            await message.ack()
 
     async def _skip_accepted(
         self, message: AbstractIncomingMessage, fields: dict[str, Any]
@@ -286,11 +308,16 @@ class Handler:
             **fields,
         )
         await asyncio.sleep(REPUBLISH_BACKOFF)  # do not spin on a broker that refuses us
+        if self._acker is not None and not self._acker.awaiting_outcome(message):
+            return  # its outcome is durable and its ack under way: a reject would contradict it
         try:
             with broker_errors("rejecting"):
                 await message.reject(requeue=True)
         except Exception:  # noqa: BLE001, S110 - channel closed (the broker requeues everything
             pass  # unacked on it anyway), or the message was settled already
+        else:
+            if self._acker is not None:
+                self._acker.released(message)  # settled: no longer blocks a run of acks
 
 
 def _event_fields(event: Event) -> dict[str, Any]:

@@ -74,6 +74,16 @@ class Metrics:
             "CONSUMER_CONCURRENCY: the most deliveries this worker handles at once.",
             registry=self.registry,
         )
+        self.coalesced = Counter(
+            f"{PREFIX}_coalesced",
+            "Create Event calls saved by coalescing: deliveries settled by another's call.",
+            registry=self.registry,
+        )
+        self.coalesce_keys_waiting = Gauge(
+            f"{PREFIX}_coalesce_keys_waiting",
+            "Keys (installation, type, resource) with deliveries waiting for the next call.",
+            registry=self.registry,
+        )
         self.redeliveries_skipped = Counter(
             f"{PREFIX}_redeliveries_skipped",
             "Redeliveries acked without calling Vercel: Vercel had accepted that very event "

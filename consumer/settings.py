@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     health_port: int = Field(8080, ge=0, le=65535)
     health_host: str = Field("0.0.0.0", min_length=1)  # noqa: S104 - probes come from outside the pod
     queue_depth_interval: float = Field(15.0, ge=0, le=3600)
+    coalesce: bool = True
+    coalesce_window: float = Field(0.0, ge=0, le=60_000)  # milliseconds
     outbox_dsn: SecretStr | None = None
     outbox_poll_interval: float = Field(1.0, gt=0, le=3600)
     outbox_batch_size: int = Field(500, ge=1, le=10_000)

@@ -338,8 +338,11 @@ async def publisher(names: dict[str, str], start_relay: Any) -> AsyncIterator[Ev
 
 
 def event(event_type: str = "resource.renamed", **fields: Any) -> dict[str, Any]:
-    """A valid event for installation icfg_alpha with a fresh id."""
+    """A valid event for installation icfg_alpha with a fresh id (and, for a resource event,
+    a fresh resource id: events about distinct resources are never coalesced)."""
     values = {"id": f"evt_{uuid.uuid4().hex[:12]}", "installation_id": "icfg_alpha", **fields}
+    if event_type.startswith("resource.") and "resource_id" not in fields:
+        values["resource_id"] = f"res_{uuid.uuid4().hex[:12]}"
     return example_event(event_type, **values)
 
 

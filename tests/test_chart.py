@@ -575,6 +575,8 @@ CONFIG_VARIABLES = {
     "healthPort": ("CONSUMER_HEALTH_PORT", 9090, "9090"),
     "healthHost": ("CONSUMER_HEALTH_HOST", "::", "::"),
     "queueDepthInterval": ("CONSUMER_QUEUE_DEPTH_INTERVAL", 60, "60"),
+    "coalesce": ("CONSUMER_COALESCE", False, "false"),
+    "coalesceWindow": ("CONSUMER_COALESCE_WINDOW", 250, "250"),
     "logFormat": ("CONSUMER_LOG_FORMAT", "console", "console"),
     "logLevel": ("CONSUMER_LOG_LEVEL", "debug", "debug"),
 }

@@ -26,6 +26,8 @@ LAYERS = {
     "breaker": 2,
     "ratelimit": 2,
     "dlq.export": 2,
+    "ackrun": 2,
+    "coalesce": 2,
     "amqpurl": 0,
     "backoff": 0,
     "accepted": 0,
@@ -42,6 +44,8 @@ LAYERS = {
     "outbox.store": 3,
     "outbox.metrics": 3,
     "depths": 3,
+    "acking": 3,
+    "coalescing": 3,
     "health": 3,
     "dlq.model": 3,
     "dlq.session": 3,
@@ -71,6 +75,8 @@ PURE = (
     "breaker",
     "ratelimit",
     "dlq.export",
+    "ackrun",
+    "coalesce",
     "outbox.schema",
 )
 THIRD_PARTY_IO = ("aio_pika", "aiormq", "pamqp", "httpx", "aiohttp")

@@ -26,6 +26,7 @@ def test_defaults_match_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.retry_delays == (1, 5, 30, 120, 600, 1800)
     assert settings.max_attempts == 8
     assert settings.log_format == "json"
+    assert (settings.coalesce, settings.coalesce_window) == (True, 0.0)
 
 
 def test_retry_delays_parse_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,6 +46,9 @@ def test_retry_delays_parse_from_a_comma_separated_list(monkeypatch: pytest.Monk
         ("CONSUMER_VERCEL_API_URL", "ftp://example"),
         ("CONSUMER_AMQP_URL", "http://broker"),
         ("CONSUMER_HTTP_TIMEOUT", "-1"),
+        ("CONSUMER_COALESCE", "sometimes"),
+        ("CONSUMER_COALESCE_WINDOW", "-5"),
+        ("CONSUMER_COALESCE_WINDOW", "60001"),
     ],
 )
 def test_bad_value_names_the_variable(

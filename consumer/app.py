@@ -14,7 +14,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
-from consumer import __version__
+from consumer.__version__ import __version__
 from consumer.accepted import AcceptedMemory
 from consumer.acking import Acker
 from consumer.breaker import CircuitBreaker

@@ -13,6 +13,7 @@ import signal
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
+from structlog.typing import FilteringBoundLogger
 
 from consumer.__version__ import __version__
 from consumer.accepted import AcceptedMemory
@@ -40,7 +41,7 @@ from consumer.worker import MessageHandler, SessionTask, Worker
 def build_worker(
     settings: Settings,
     vercel: VercelClient,
-    log: Any,
+    log: FilteringBoundLogger,
     metrics: Metrics | None = None,
     tracer: Tracer = NO_TRACER,
 ) -> Worker:
@@ -109,7 +110,7 @@ def build_worker(
 
 
 def _depth_sampling(
-    settings: Settings, topology: Topology, metrics: Metrics, log: Any
+    settings: Settings, topology: Topology, metrics: Metrics, log: FilteringBoundLogger
 ) -> SessionTask | None:
     """The queue-depth poller run alongside each broker session; None when switched off."""
     interval = settings.queue_depth_interval
@@ -119,7 +120,7 @@ def _depth_sampling(
     return lambda connection: sampler.watch(connection, interval)
 
 
-def build_breaker(settings: Settings, log: Any) -> CircuitBreaker:
+def build_breaker(settings: Settings, log: FilteringBoundLogger) -> CircuitBreaker:
     def log_change(previous: BreakerState, state: BreakerState, why: str) -> None:
         level = log.info if state is BreakerState.CLOSED else log.warning
         level("circuit breaker", circuit=state.value, previous=previous.value, why=why)
@@ -172,7 +173,7 @@ async def serve(settings: Settings) -> None:
 
 
 async def start_health(
-    settings: Settings, worker: Worker, metrics: Metrics, log: Any
+    settings: Settings, worker: Worker, metrics: Metrics, log: FilteringBoundLogger
 ) -> HealthServer | None:
     """Serve /livez, /readyz and /metrics on CONSUMER_HEALTH_PORT (None when it is 0)."""
     if settings.health_port == 0:
@@ -190,7 +191,7 @@ async def start_health(
     return health
 
 
-def install_signal_handlers(stop: asyncio.Event, log: Any) -> None:
+def install_signal_handlers(stop: asyncio.Event, log: FilteringBoundLogger) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:

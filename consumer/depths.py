@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractConnection
+from structlog.typing import FilteringBoundLogger
 
 from consumer.metrics import Metrics
 from consumer.topology import Topology, broker_errors
@@ -27,7 +27,7 @@ CLOSE_TIMEOUT = 5.0  # seconds to close a channel a failed sample leaves open
 class DepthSampler:
     """Samples the depths of a topology's queues into `Metrics`."""
 
-    def __init__(self, topology: Topology, metrics: Metrics, log: Any) -> None:
+    def __init__(self, topology: Topology, metrics: Metrics, log: FilteringBoundLogger) -> None:
         self._queues = {
             "work": (topology.queue,),
             "retry": tuple(topology.retry_queue(ms) for ms in topology.retry_tiers_ms),

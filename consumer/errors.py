@@ -59,8 +59,23 @@ class ConfigError(ConsumerError):
     """The configuration is unusable; the message names every bad setting."""
 
 
+class BrokerCause(enum.StrEnum):
+    """What kind of broker failure a BrokerError is: what /readyz may say to anyone (`cause`),
+    while the sentence with hosts and the broker's words stays in the log."""
+
+    UNREACHABLE = "unreachable"  # refused, reset, timed out, no route: the network or the node
+    TLS = "tls"  # the TLS handshake failed: a CA, a certificate, or a plain port
+    CREDENTIALS = "credentials"  # the broker refused the user, its password or the vhost
+    OTHER = "other"  # anything else: a channel error, a nack, a closed connection mid-call
+
+
 class BrokerError(ConsumerError):
-    """RabbitMQ could not be reached, or did not confirm a publish we depend on."""
+    """RabbitMQ could not be reached, or did not confirm a publish we depend on. `cause` says
+    which kind of failure it is."""
+
+    def __init__(self, message: str, *, cause: BrokerCause = BrokerCause.OTHER) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class PublishError(BrokerError):

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from structlog.typing import FilteringBoundLogger
 
 from consumer.accepted import AcceptedMemory
 from consumer.acking import Acker
@@ -86,7 +87,7 @@ class Handler:
         rate: RequestRate,
         max_body_bytes: int,
         max_redeliveries: int,
-        log: Any,
+        log: FilteringBoundLogger,
         metrics: Metrics,
         accepted: AcceptedMemory | None = None,
         tracer: Tracer = NO_TRACER,

@@ -35,7 +35,7 @@ Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 IDLE_TIMEOUT = 5.0  # seconds a connection may sit without a complete request (probes: ms)
 MAX_CONNECTIONS = 64  # open at once; beyond, the oldest are closed
 ACCEPT_ERROR_EVERY = 60.0  # seconds between two log lines about failing accepts
-_PUBLIC_READINESS = frozenset({"status", "reason", "circuit"})
+_PUBLIC_READINESS = frozenset({"status", "reason", "cause", "circuit"})
 
 
 class Served(Protocol):

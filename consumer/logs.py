@@ -24,6 +24,7 @@ from typing import IO, Any, TextIO, cast
 
 import orjson
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 # aiormq's messages for a connection that could not be made or was lost: the worker's own
 # "broker unavailable" line reports the same fault (record.msg, before %-formatting).
@@ -97,5 +98,7 @@ def _binary(stream: IO[Any]) -> Any:
     return getattr(stream, "buffer", stream)
 
 
-def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+def get_logger(name: str) -> FilteringBoundLogger:
+    """A logger of the class `configure_logging` set up: typed, so mypy checks every call."""
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger

@@ -50,7 +50,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 from consumer.amqpurl import broker_address as broker_address  # re-exported for the dlq tool
 from consumer.amqpurl import split_urls
-from consumer.errors import BrokerError
+from consumer.errors import BrokerCause, BrokerError
 
 BINDINGS = ("resource.#", "billing.#")
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
@@ -101,10 +101,26 @@ def broker_errors(action: str) -> Iterator[None]:
     ) as exc:
         tls = _tls_cause(exc)
         if tls is not None:
-            raise BrokerError(f"{action} failed: {describe_tls_error(tls)}") from exc
-        raise BrokerError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
+            message = f"{action} failed: {describe_tls_error(tls)}"
+            raise BrokerError(message, cause=BrokerCause.TLS) from exc
+        message = f"{action} failed: {type(exc).__name__}: {exc}"
+        raise BrokerError(message, cause=_cause_of(exc)) from exc
     except TimeoutError as exc:
-        raise BrokerError(f"{action} timed out") from exc
+        raise BrokerError(f"{action} timed out", cause=BrokerCause.UNREACHABLE) from exc
+
+
+def _cause_of(exc: BaseException) -> BrokerCause:
+    """The kind of a failure that is not TLS's, by the AMQP stack's own exception types."""
+    if isinstance(
+        exc,
+        aiormq.exceptions.ProbableAuthenticationError
+        | aiormq.exceptions.AuthenticationError
+        | aiormq.exceptions.ConnectionNotAllowed,
+    ):
+        return BrokerCause.CREDENTIALS
+    if isinstance(exc, OSError | aiormq.exceptions.AMQPConnectionError):
+        return BrokerCause.UNREACHABLE
+    return BrokerCause.OTHER
 
 
 def connection_name() -> str:
@@ -132,7 +148,7 @@ class Connector:
         self.address = ""  # host:port of the broker last connected to
 
     async def __call__(self) -> AbstractConnection:
-        failures: list[str] = []
+        failures: list[BrokerError] = []
         count = len(self._urls)
         for offset in range(count):
             index = (self._next + offset) % count
@@ -140,11 +156,15 @@ class Connector:
             try:
                 connection = await self._open(self._urls[index], address)
             except BrokerError as exc:
-                failures.append(str(exc))
+                failures.append(exc)
                 continue
             self._next, self.address = (index + 1) % count, address
             return connection
-        raise BrokerError("; ".join(failures) if failures else "no broker URL given")
+        causes = {failure.cause for failure in failures}
+        raise BrokerError(
+            "; ".join(str(failure) for failure in failures) or "no broker URL given",
+            cause=causes.pop() if len(causes) == 1 else BrokerCause.UNREACHABLE,
+        )
 
     async def _open(self, url: str, address: str) -> AbstractConnection:
         with broker_errors(f"connecting to {address}"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -43,6 +44,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
+from structlog.typing import FilteringBoundLogger
 
 from consumer.backoff import Backoff
 from consumer.breaker import CircuitBreaker
@@ -64,6 +66,17 @@ BLOCKED_POLL = 0.5  # seconds between looks at whether the broker blocks the con
 EMPTY_QUEUE_POLL = 1.0  # seconds between probe fetches while the work queue is empty
 
 
+class Status(enum.StrEnum):
+    """Where the worker is: /readyz's `status` and `reason` vocabulary."""
+
+    STARTING = "starting"
+    CONSUMING = "consuming"  # the only ready state
+    CIRCUIT_OPEN = "circuit_open"  # Vercel is failing for everyone: probing one at a time
+    BROKER_BLOCKED = "broker_blocked"  # a resource alarm: publishes wait
+    DISCONNECTED = "disconnected"  # no broker session; `cause` says which kind of failure
+    SHUTTING_DOWN = "shutting_down"
+
+
 class Worker:
     """Consumes the work queue and hands each delivery to a handler made for its channel."""
 
@@ -76,7 +89,7 @@ class Worker:
         breaker: CircuitBreaker,
         concurrency: int,
         shutdown_timeout: float,
-        log: Any,
+        log: FilteringBoundLogger,
         backoff: Backoff | None = None,
         session_task: SessionTask | None = None,
     ) -> None:
@@ -90,11 +103,11 @@ class Worker:
         self._backoff = Backoff() if backoff is None else backoff
         self._outage_since: float | None = None  # monotonic time the broker was lost
         self._in_flight: set[asyncio.Task[Any]] = set()
-        self._status = "starting"  # consuming | starting | disconnected | ... (readiness)
+        self._status = Status.STARTING
         self._consumed = False  # whether the current session got as far as consuming
         self._session_task = session_task
         self._stop: asyncio.Event | None = None
-        self._broker_lost: str | None = None  # the error that ended the last session
+        self._broker_lost: BrokerError | None = None  # the error that ended the last session
         self._broker = ""  # host:port of the broker of the current session
         self.reconnects = 0  # sessions that failed or ended on a broker error
         self._reported: set[str] = set()  # queues already warned about (once per process)
@@ -102,7 +115,7 @@ class Worker:
 
     @property
     def consuming(self) -> bool:
-        return self._status == "consuming"
+        return self._status is Status.CONSUMING
 
     @property
     def broker_blocked(self) -> bool:
@@ -117,16 +130,17 @@ class Worker:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, detail): ready while consuming; otherwise the reason, and the breaker's state."""
         stopping = self._stop is not None and self._stop.is_set()
-        status = "shutting_down" if stopping else self._status  # from the signal on, not later
-        detail: dict[str, Any] = {"status": status, "circuit": self._breaker.state.value}
-        if status in ("consuming", "circuit_open") and self._blocked is not None:
-            detail.update(reason="broker_blocked", detail=self._blocked[0])
+        status = Status.SHUTTING_DOWN if stopping else self._status  # from the signal on
+        detail: dict[str, Any] = {"status": status.value, "circuit": self._breaker.state.value}
+        if status in (Status.CONSUMING, Status.CIRCUIT_OPEN) and self._blocked is not None:
+            detail.update(reason=Status.BROKER_BLOCKED.value, detail=self._blocked[0])
             return False, detail
-        if status != "consuming":
-            detail["reason"] = status
-        if status == "disconnected" and self._broker_lost is not None:
-            detail["detail"] = self._broker_lost
-        return status == "consuming", detail
+        if status is not Status.CONSUMING:
+            detail["reason"] = status.value
+        if status is Status.DISCONNECTED and self._broker_lost is not None:
+            detail["detail"] = str(self._broker_lost)  # for the log: hosts, the broker's words
+            detail["cause"] = self._broker_lost.cause.value  # for /readyz
+        return status is Status.CONSUMING, detail
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, reconnecting with backoff whenever the broker is lost."""
@@ -135,7 +149,7 @@ class Worker:
             try:
                 await self._session(stop)
             except BrokerError as exc:
-                self._status, self._broker_lost = "disconnected", str(exc)
+                self._status, self._broker_lost = Status.DISCONNECTED, exc
                 self.reconnects += 1
                 if self._consumed:
                     self._backoff.reset()  # it worked until now: try again (elsewhere) at once
@@ -178,18 +192,18 @@ class Worker:
                 watcher = asyncio.create_task(self._session_task(connection))
             handler = self._tracked(self._make_handler(channel))
             await self._consume_until_stopped(queue, handler, channel, stop)
-            self._status = "shutting_down"
+            self._status = Status.SHUTTING_DOWN
             await self._drain()
         finally:
-            if self._status != "shutting_down":
-                self._status = "disconnected"
+            if self._status is not Status.SHUTTING_DOWN:
+                self._status = Status.DISCONNECTED
             alarms.cancel()
             await asyncio.wait({alarms})
             self._blocked = None  # a new connection starts unblocked
             if watcher is not None:
                 watcher.cancel()
                 await asyncio.wait({watcher})
-            if self._in_flight and self._status == "disconnected":
+            if self._in_flight and self._status is Status.DISCONNECTED:
                 # Let Vercel calls under way finish: what Vercel accepts is remembered, so its
                 # redelivery is acked without a second call (consumer/accepted.py).
                 await asyncio.wait(set(self._in_flight), timeout=LOST_GRACE)
@@ -239,7 +253,7 @@ class Worker:
                 return
             with broker_errors("starting the consumer"):
                 consumer_tag = await queue.consume(handler)
-            self._status, self._consumed = "consuming", True
+            self._status, self._consumed = Status.CONSUMING, True
             self._log.info(
                 "consuming",
                 queue=self.topology.queue,
@@ -251,7 +265,7 @@ class Worker:
             )
             if event == "lost":
                 raise BrokerError("the channel to the broker was closed")
-            self._status = "shutting_down" if event == "stop" else "circuit_open"
+            self._status = Status.SHUTTING_DOWN if event == "stop" else Status.CIRCUIT_OPEN
             with contextlib.suppress(BrokerError), broker_errors("cancelling the consumer"):
                 await queue.cancel(consumer_tag)
             if event == "stop":
@@ -265,7 +279,7 @@ class Worker:
         stop: asyncio.Event,
     ) -> bool:
         """One message at a time while the breaker is open; False when stop came first."""
-        self._status = "circuit_open"
+        self._status = Status.CIRCUIT_OPEN
         self._log.warning("circuit open; consumption paused", queue=self.topology.queue)
         idle = 0.0
         while self._breaker.is_open:

@@ -141,10 +141,29 @@ async def test_readyz_says_why_an_unreachable_broker_is_not_ready(
     status, body = await get_json(f"{health.url}/readyz")
     assert status == 503
     assert body["ready"] is False
+    assert body["cause"] == "unreachable"
     assert "detail" not in body
     assert "127.0.0.1" not in json.dumps(body)
     assert "127.0.0.1:1" in relay.log_text()
     assert "pw-s3cr3t" not in relay.log_text()
+
+
+async def test_readyz_says_the_broker_refused_the_credentials(
+    start_relay: Any, serve_health: Any
+) -> None:
+    """A broker that answers but refuses the user or password: /readyz says `cause:
+    credentials`, so that an operator looks at the Secret rather than at the network."""
+    bad = AMQP_URL.replace("guest:guest@", "guest:not-the-password@")
+    relay = await start_relay(wait_consuming=False, amqp_url=bad)
+    health = await serve_health(relay)
+
+    async def refused() -> bool:
+        return (await get_json(f"{health.url}/readyz"))[1].get("cause") == "credentials"
+
+    await wait_until(refused)
+    status, body = await get_json(f"{health.url}/readyz")
+    assert (status, body["reason"]) == (503, "disconnected")
+    assert "not-the-password" not in relay.log_text()
 
 
 async def test_readyz_says_shutting_down_while_draining(

@@ -147,6 +147,7 @@ async def test_the_worker_and_dlq_commands_connect_with_mutual_tls(
 def _expect_sentence(readiness: tuple[bool, dict[str, Any]], log: ListLog, fragment: str) -> None:
     ready, detail = readiness
     assert not ready
+    assert detail["cause"] == "tls"  # what /readyz tells the pod network: the kind, no host
     reason = str(detail.get("detail"))
     assert fragment in reason
     assert PASSWORD not in reason

@@ -27,6 +27,7 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection
+from structlog.typing import FilteringBoundLogger
 
 import consumer.outbox.store as store
 from consumer.contract import parse_event
@@ -106,7 +107,9 @@ class _Broker:
 class OutboxRelay:
     """Publishes committed outbox rows until `run`'s stop event is set."""
 
-    def __init__(self, config: RelayConfig, metrics: OutboxMetrics, log: Any) -> None:
+    def __init__(
+        self, config: RelayConfig, metrics: OutboxMetrics, log: FilteringBoundLogger
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.log = log

@@ -7,7 +7,7 @@ Reusable pieces (each works alone; `tests/test_chaos.py` shows them together):
   (id, reason) pairs, it reports published, delivered, dead-lettered (by reason), duplicated
   and lost. An id is accounted for when Vercel accepted it at least once, or when it sits in
   the DLQ with a reason. `report.check()` asserts lost == 0, prints the scenario's line and
-  records it for the end-of-run summary (`tests/conftest.py` prints `REPORTS`).
+  records it for the end-of-run summary (conftest.py prints `REPORTS`).
 - `WorkerProcess`: `python -m consumer run` as a real child process (so `kill -9`, SIGTERM and a
   second signal are real), its JSON log in a file; waits for `consuming` lines, counts events.
 - `TcpProxy`: an asyncio TCP proxy to put between a worker and a broker: added latency, resets

@@ -12,7 +12,7 @@ from consumer.accepted import AcceptedMemory
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from tests.chaos import TcpProxy
-from tests.conftest import AMQP_URL, event, wait_until
+from tests.helpers import AMQP_URL, event, wait_until
 from tests.test_breaker import Clock
 
 

@@ -12,7 +12,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from consumer.acking import Acker
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
-from tests.conftest import event, wait_until
+from tests.helpers import event, wait_until
 from tests.test_worker import close_consumer_connections, depth_becomes
 
 

@@ -22,7 +22,7 @@ from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.vercel import VercelClient
 from tests.brokers import PrivateBroker
-from tests.conftest import event, get_json, private_settings, sample, scrape, wait_until
+from tests.helpers import event, get_json, private_settings, sample, scrape, wait_until
 from tests.test_resilience import _delete
 
 EVENTS = 50

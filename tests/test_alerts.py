@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from consumer.publish.publisher import EventPublisher
-from tests.conftest import event, scrape, wait_until
+from tests.helpers import event, scrape, wait_until
 from tests.test_chart import CHART, NAMESPACE, render
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from consumer.asyncapi import document, to_yaml
 from consumer.contract import json_schema
 from consumer.errors import Reason
 from consumer.topology import Topology
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "docs" / "asyncapi.yaml"

@@ -18,7 +18,7 @@ from pathlib import Path
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from tests.brokers import PrivateBroker
 from tests.chaos import CHAOS_TOKENS, Scenario, TcpProxy
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 
 async def test_chaos_1_broker_restarted_twice_mid_stream(

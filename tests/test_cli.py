@@ -16,7 +16,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.contract import json_schema
-from tests.conftest import AMQP_URL, drain_queue, run_cli
+from tests.helpers import AMQP_URL, drain_queue, run_cli
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ from consumer.cloudevents import parse_message
 from consumer.contract import ResourceEvent
 from consumer.errors import ContractError
 from consumer.testing.vercel_sim import VercelSimulator
-from tests.conftest import wait_for_dead_letters, wait_until
+from tests.helpers import wait_for_dead_letters, wait_until
 
 LIMIT = 262144
 DATA = {"installation_id": "icfg_alpha", "resource_id": "db_42", "product_id": "prod_pg"}

@@ -18,7 +18,7 @@ import pytest
 from consumer.testing.vercel_sim import VercelSimulator
 from tests.brokers import BrokerCluster, PrivateBroker
 from tests.chaos import CHAOS_TOKENS, Scenario, WorkerProcess
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 CLUSTER_PORT = int(os.environ.get("TEST_CLUSTER_BROKER_PORT", "5691"))
 OUTAGE = 10.0  # seconds a stopped node stays down

@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractChannel
 
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
-from tests.conftest import Relay, drain_queue, event, wait_until
+from tests.helpers import Relay, drain_queue, event, wait_until
 from tests.test_worker import queue_depth
 
 RESOURCES = [f"res_{n}" for n in range(10)]

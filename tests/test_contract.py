@@ -12,7 +12,7 @@ import pytest
 
 from consumer.contract import BillingEvent, ResourceEvent, json_schema, parse_event
 from consumer.errors import ContractError, Reason
-from tests.conftest import event
+from tests.helpers import event
 
 LIMIT = 256 * 1024
 

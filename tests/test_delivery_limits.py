@@ -24,7 +24,7 @@ from consumer.topology import (
     declare,
 )
 from tests.brokers import VERSION, BrokerVersion, shared_ctl
-from tests.conftest import Relay, drain_queue, wait_until
+from tests.helpers import Relay, drain_queue, wait_until
 
 ONLY_ON_4 = pytest.mark.skipif(
     VERSION is not BrokerVersion.V4_0, reason="the default delivery limit exists on 4.x only"

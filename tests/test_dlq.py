@@ -37,7 +37,7 @@ from consumer.errors import BrokerError
 from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import QUORUM, WORK_QUEUE_DELIVERY_LIMIT, Topology, declare
 from tests.brokers import VERSION, PrivateBroker
-from tests.conftest import AMQP_URL, Relay, drain_queue, event, run_cli, wait_until
+from tests.helpers import AMQP_URL, Relay, drain_queue, event, run_cli, wait_until
 
 
 def at(minute: int) -> datetime:

@@ -23,7 +23,7 @@ from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import Connector, connect
 from tests.brokers import PrivateBroker
 from tests.chaos import CHAOS_TOKENS, Scenario
-from tests.conftest import AMQP_URL
+from tests.helpers import AMQP_URL
 
 # Passwords as operators type them: commas, at-signs and colons included, never a scheme.
 PASSWORDS = st.text(

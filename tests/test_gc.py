@@ -10,7 +10,7 @@ from pathlib import Path
 
 from consumer.app import serve
 from consumer.settings import load_settings
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 
 async def test_serve_freezes_what_it_built_before_consuming(tokens_dir: Path) -> None:

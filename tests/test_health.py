@@ -29,7 +29,7 @@ from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import Topology
 from consumer.vercel import VercelClient
 from tests.brokers import PrivateBroker
-from tests.conftest import (
+from tests.helpers import (
     AMQP_URL,
     delete_topology,
     event,

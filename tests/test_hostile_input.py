@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from consumer.contract import example_event, parse_event
 from consumer.errors import ContractError
 from consumer.testing.vercel_sim import Fault, VercelSimulator
-from tests.conftest import AMQP_URL, drain_queue, wait_for_dead_letters, wait_until
+from tests.helpers import AMQP_URL, drain_queue, wait_for_dead_letters, wait_until
 
 RAW = contextvars.ContextVar("RAW", default=False)
 MAX_BODY = 8192  # the relay's CONSUMER_MAX_BODY_BYTES in these tests

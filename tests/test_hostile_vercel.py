@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from consumer.errors import Reason
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
-from tests.conftest import drain_queue, event, wait_for_dead_letters, wait_until
+from tests.helpers import drain_queue, event, wait_for_dead_letters, wait_until
 
 DEAD_REASONS = {reason.value for reason in Reason}
 

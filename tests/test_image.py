@@ -34,7 +34,7 @@ from packaging.utils import canonicalize_name
 
 from consumer.retry import RetryPolicy
 from consumer.topology import Topology
-from tests.conftest import AMQP_URL, delete_topology, get_json, scrape, wait_until
+from tests.helpers import AMQP_URL, delete_topology, get_json, scrape, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("IMAGE_CACHE", "/var/cache/vercel-event-consumer"))

@@ -19,7 +19,7 @@ from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import Topology
 from tests.brokers import PrivateBroker
 from tests.chaos import WorkerProcess, worker_env
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 MIB = 1024 * 1024
 MAX_MESSAGE_SIZE = MIB  # what docs/operations.md tells operators to set

@@ -19,7 +19,7 @@ from consumer.errors import (
 from consumer.metrics import Metrics, event_family, retry_cause, status_class
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
-from tests.conftest import event, get_json, sample, scrape, wait_until
+from tests.helpers import event, get_json, sample, scrape, wait_until
 
 DELIVERIES = "vercel_consumer_deliveries_total"
 LATENCY_COUNT = "vercel_consumer_vercel_request_duration_seconds_count"

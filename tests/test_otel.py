@@ -29,7 +29,7 @@ from consumer.otel import NO_TRACER, exporter_from_environ, tracer_from_environ
 from consumer.otel_sdk import SpanTracer, _producer_context, _without_credentials
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
-from tests.conftest import event, wait_for_dead_letters, wait_until
+from tests.helpers import event, wait_for_dead_letters, wait_until
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PRODUCER_SPAN = "b7ad6b7169203331"

@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractChannel
 from consumer.headers import FIRST_ATTEMPT_AT
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
-from tests.conftest import drain_queue, event, wait_for_dead_letters, wait_until
+from tests.helpers import drain_queue, event, wait_for_dead_letters, wait_until
 
 OUTAGE = {
     "retry_delays": (0.1, 0.2),

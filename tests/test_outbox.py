@@ -28,7 +28,7 @@ from consumer.outbox import write
 from consumer.outbox.metrics import OutboxMetrics
 from consumer.outbox.relay import OutboxRelay, RelayConfig
 from consumer.outbox.schema import DDL
-from tests.conftest import AMQP_URL, run_cli, wait_until
+from tests.helpers import AMQP_URL, run_cli, wait_until
 
 Writer = Callable[[str, dict[str, Any], bool], Awaitable[None]]
 

@@ -23,7 +23,7 @@ from consumer.outbox.write import add_event_psycopg_async
 from consumer.testing.vercel_sim import VercelSimulator
 from tests.brokers import PrivateBroker
 from tests.chaos import CHAOS_TOKENS, Scenario, WorkerProcess, delivered_ids, worker_env
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 from tests.postgres import restart_cluster
 
 EVENTS = int(os.environ.get("OUTBOX_CHAOS_EVENTS", "3000"))

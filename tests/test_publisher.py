@@ -21,7 +21,7 @@ from consumer.errors import (
 )
 from consumer.publish.publisher import EventPublisher
 from tests.brokers import PrivateBroker
-from tests.conftest import AMQP_URL, drain_queue, event, wait_until
+from tests.helpers import AMQP_URL, drain_queue, event, wait_until
 
 
 async def bound_queue(channel: AbstractChannel, names: dict[str, str], key: str = "#") -> str:

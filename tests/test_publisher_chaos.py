@@ -19,7 +19,7 @@ from consumer.errors import PublishBatchError, PublishError
 from consumer.publish.publisher import EventPublisher
 from tests.brokers import PrivateBroker
 from tests.chaos import REPORTS
-from tests.conftest import event, wait_until
+from tests.helpers import event, wait_until
 
 TOTAL = 10_000
 BATCH = 250

@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel
 
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
-from tests.conftest import TOKENS, drain_queue, event, wait_for_dead_letters, wait_until
+from tests.helpers import TOKENS, drain_queue, event, wait_for_dead_letters, wait_until
 
 
 async def test_resource_event_is_delivered_translated(

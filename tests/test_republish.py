@@ -27,7 +27,7 @@ from consumer.deadletter import header_time, publishable_headers
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import Topology
 from tests.brokers import PrivateBroker
-from tests.conftest import AMQP_URL, drain_queue, wait_for_dead_letters, wait_until
+from tests.helpers import AMQP_URL, drain_queue, wait_for_dead_letters, wait_until
 
 
 @pytest.fixture

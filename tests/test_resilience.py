@@ -25,7 +25,7 @@ from consumer.vercel import VercelClient
 from consumer.worker import Worker
 from tests.brokers import PrivateBroker
 from tests.chaos import CHAOS_TOKENS, Scenario, TcpProxy
-from tests.conftest import AMQP_URL, broker_connections, private_settings, wait_until
+from tests.helpers import AMQP_URL, broker_connections, private_settings, wait_until
 
 
 class ListLog:

@@ -10,7 +10,7 @@ import pytest
 
 from consumer.errors import ConfigError
 from consumer.settings import load_settings, redact_url
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_defaults_match_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from aio_pika.abc import AbstractChannel
 
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import VercelSimulator
-from tests.conftest import drain_queue, event, wait_until
+from tests.helpers import drain_queue, event, wait_until
 
 THROTTLED = "icfg_throttled"
 

@@ -28,7 +28,7 @@ from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import connect
 from consumer.vercel import VercelClient
 from tests.brokers import PrivateBroker
-from tests.conftest import event, run_cli, wait_until
+from tests.helpers import event, run_cli, wait_until
 from tests.test_resilience import ListLog
 
 TLS_PORT = int(os.environ.get("TEST_TLS_BROKER_PORT", "5681"))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.tracing import TraceParent, parse_traceparent
-from tests.conftest import event, wait_until
+from tests.helpers import event, wait_until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from consumer.contract import parse_event
 from consumer.errors import ContractError, Reason
 from consumer.translate import events_path, translate
-from tests.conftest import event
+from tests.helpers import event
 
 
 def request_for(

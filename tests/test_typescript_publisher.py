@@ -13,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.testing.vercel_sim import VercelSimulator
-from tests.conftest import AMQP_URL, wait_until
+from tests.helpers import AMQP_URL, wait_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "typescript-publisher"
 

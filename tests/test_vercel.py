@@ -10,7 +10,7 @@ from consumer.errors import VercelRejected, VercelUnavailable
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.translate import VercelRequest, events_path
 from consumer.vercel import Delivered, VercelClient
-from tests.conftest import TOKENS
+from tests.helpers import TOKENS
 
 REQUEST = VercelRequest(
     events_path("icfg_alpha"),

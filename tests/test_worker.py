@@ -11,7 +11,7 @@ from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import connection_name
 from tests.brokers import shared_ctl
-from tests.conftest import broker_connections, event, wait_until
+from tests.helpers import broker_connections, event, wait_until
 
 
 async def queue_depth(channel: AbstractChannel, queue: str) -> int:

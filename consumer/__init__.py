@@ -16,8 +16,7 @@ event inside your own database transaction; the `outbox` extra) and `consumer.te
 the dead-letter tool) is an application, reached through the `vercel-consumer` command.
 """
 
-__version__ = "0.1.0"
-
+from consumer._version import __version__
 from consumer.contract import (
     BillingEvent,
     Event,

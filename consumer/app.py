@@ -15,7 +15,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 from structlog.typing import FilteringBoundLogger
 
-from consumer.__version__ import __version__
+from consumer._version import __version__
 from consumer.accepted import AcceptedMemory
 from consumer.acking import Acker
 from consumer.breaker import CircuitBreaker

@@ -14,8 +14,9 @@ import json
 import re
 from typing import Any
 
-from consumer import __version__, cloudevents, deadletter
+from consumer import cloudevents, deadletter
 from consumer import headers as ours
+from consumer._version import __version__
 from consumer.contract import json_schema
 from consumer.errors import Reason
 from consumer.topology import BINDINGS, Topology, dead_lettering_to

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from consumer.__version__ import __version__
+from consumer._version import __version__
 from consumer.app import serve
 from consumer.asyncapi import document, to_yaml
 from consumer.contract import example_event, json_schema, parse_event

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from consumer.__version__ import __version__
+from consumer._version import __version__
 from consumer.contract import FAMILIES
 from consumer.errors import DeliveryError, Reason, TokenUnavailable, VercelError, VercelThrottled
 

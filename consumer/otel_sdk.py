@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from consumer.__version__ import __version__
+from consumer._version import __version__
 from consumer.errors import VercelError
 from consumer.tracing import HEADER, parse_traceparent
 

@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from consumer.__version__ import __version__
+from consumer._version import __version__
 from consumer.errors import VercelRejected, VercelThrottled, VercelUnavailable
 from consumer.ratelimit import Quota, parse_quota
 from consumer.retry import MAX_RETRY_AFTER, parse_retry_after

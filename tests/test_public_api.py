@@ -3,6 +3,9 @@ a name added to or dropped from it is a decision, made here on purpose."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import consumer
 import consumer.testing
 
@@ -50,3 +53,13 @@ def test_publish_errors_are_broker_errors() -> None:
 def test_the_test_double_is_public() -> None:
     """`consumer.testing` exports the Vercel simulator for partners' own tests."""
     assert set(consumer.testing.__all__) == {"Accepted", "Fault", "Refused", "VercelSimulator"}
+
+
+def test_the_version_is_a_string_whatever_was_imported_first() -> None:
+    """`consumer.__version__` stays the version string after the CLI's whole import graph is
+    loaded (a submodule named like the attribute once replaced it with a module)."""
+    script = "import consumer.cli, consumer; print(type(consumer.__version__).__name__)"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "str"

@@ -1,3 +1,0 @@
-"""The package version, in a leaf module of its own so that any module can import it."""
-
-__version__ = "0.1.0"

@@ -78,10 +78,13 @@ def locked_versions() -> dict[str, tuple[str, int]]:
 
 
 def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
-    """Each dependency in pyproject.toml (and the build backend) is pinned, in range, hashed."""
+    """Each dependency in pyproject.toml, of the extras the image carries (the outbox relay,
+    tracing) and the build backend is pinned, in range, hashed."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     locked = locked_versions()
+    extras = project["project"]["optional-dependencies"]
     wanted = project["project"]["dependencies"] + project["build-system"]["requires"]
+    wanted += extras["outbox"] + extras["otel"]
     for line in wanted:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)

@@ -265,8 +265,9 @@ async def test_sdk_cloudevents_reach_vercel_through_a_real_worker(
     start_relay: Any, sim: VercelSimulator, channel: AbstractChannel, names: dict[str, str]
 ) -> None:
     """One SDK-made CloudEvent per mode and prefix, routed by our type, each reaches Vercel as
-    resource.updated; an invalid one is dead-lettered as invalid_message with the detail."""
-    relay = await start_relay()
+    resource.updated; an invalid one is dead-lettered as invalid_message with the detail.
+    (Coalescing, which would merge these updates of one resource into fewer calls, is off.)"""
+    relay = await start_relay(coalesce=False)
     exchange = await channel.get_exchange(names["exchange"])
     sent = {}
     for mode, wire in WIRES.items():

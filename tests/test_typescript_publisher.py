@@ -38,8 +38,9 @@ async def test_typescript_events_reach_vercel_translated(
     event_format: str, start_relay: Any, sim: VercelSimulator, names: dict[str, str]
 ) -> None:
     """Five events published by the TypeScript example, each confirmed (printed), arrive at
-    Vercel as resource.updated for their installation and resource."""
-    await start_relay()
+    Vercel as resource.updated for their installation and resource. (One call per event:
+    coalescing, which would merge these five updates of one resource, is off here.)"""
+    await start_relay(coalesce=False)
     status, stdout, stderr = await run_example(
         EXCHANGE=names["exchange"],
         FORMAT=event_format,

@@ -63,7 +63,7 @@ async def serve_relay(settings: Settings, dsn: str) -> None:
     topology = Topology(settings.exchange, settings.queue, ())
     config = RelayConfig(
         dsn=dsn,
-        amqp_url=settings.amqp_url.get_secret_value(),
+        amqp_url=settings.broker_urls(),  # with CONSUMER_AMQP_CAFILE/CERTFILE/KEYFILE applied
         exchange=settings.exchange,
         dead_letter_queue=topology.dead_letter_queue,
         batch_size=settings.outbox_batch_size,

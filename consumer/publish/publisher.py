@@ -15,7 +15,7 @@ a silent drop.
 - **Pipelined:** publishes from many tasks (or one `publish_many`) share one channel, up to
   `max_in_flight` awaiting their confirms at once; each is awaited on its own.
 - **Reconnects:** a publish that meets a lost connection or channel reconnects (with backoff,
-  through `topology.connect`, so to the next URL of a multi-URL setting) and publishes again,
+  through one `topology.Connector`, so to the next URL of a multi-URL setting) and publishes again,
   until it is confirmed or its `timeout` runs out (seconds, reconnects included, counted from
   when the publish gets one of the `max_in_flight` slots). A message
   whose confirm was lost with the connection may then be queued twice: consumers are
@@ -51,7 +51,7 @@ from consumer.errors import (
     PublishUnroutable,
 )
 from consumer.logs import get_logger
-from consumer.topology import broker_errors, connect, open_channel
+from consumer.topology import Connector, broker_errors, open_channel
 
 APP_ID = "vercel-event-consumer.publisher"
 MAX_IN_FLIGHT = 1024  # publishes awaiting their confirm at once
@@ -91,9 +91,10 @@ class EventPublisher:
     ) -> None:
         if max_in_flight < 1 or timeout <= 0:
             raise ValueError("max_in_flight must be at least 1 and timeout positive")
-        self._url = url
+        # One connector for the publisher's life: a reconnect goes on from the broker after
+        # the one last reached, rather than retrying the first URL (perhaps the lost node).
+        self._connect = Connector(url, name=name)
         self._exchange_name = exchange
-        self._name = name
         self._timeout = timeout
         self._max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -247,7 +248,7 @@ class EventPublisher:
             return self._link
 
     async def _open_link(self) -> _Link:
-        connection = await connect(self._url, name=self._name)
+        connection = await self._connect()
         try:
             channel = await open_channel(connection)
             with broker_errors(f"declaring exchange {self._exchange_name}"):

@@ -5,7 +5,8 @@ content is that installation's token. A lookup stats the file (microseconds) and
 only when its identity changed, so a rotated, added or removed token takes effect on the next
 message without a restart; Kubernetes' atomic `..data` symlink swap changes the identity too.
 
-Only a missing file falls back to `CONSUMER_VERCEL_TOKEN`. A file that is there but broken
+Only a missing file falls back to `CONSUMER_VERCEL_TOKEN` (a symbolic link to nothing is not
+missing: it is retried). A file that is there but broken
 (empty, a byte-order mark, whitespace inside, not a regular file, too large, unreadable) raises
 `TokenFileError` with what is wrong, and a read that fails for a passing reason (out of file
 descriptors, an I/O error) raises `TokenUnavailable`, to be retried: neither ever sends another
@@ -71,8 +72,10 @@ class TokenStore:
             info = os.stat(path)
         except OSError as exc:
             self._cache.pop(installation_id, None)
-            if exc.errno in _MISSING:
+            if exc.errno in _MISSING and not os.path.lexists(path):
                 return None
+            if exc.errno in _MISSING:  # a symbolic link to nothing: the entry is there
+                raise _dangling(installation_id) from None
             raise _read_error(installation_id, exc) from None
         identity = (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
         cached = self._cache.get(installation_id)
@@ -133,6 +136,16 @@ def _read_error(installation_id: str, exc: OSError) -> TokenFileError | TokenUna
             f"could not read the token file of installation {installation_id} now: {reason}"
         )
     return _broken(installation_id, f"cannot be read: {reason}")
+
+
+def _dangling(installation_id: str) -> TokenUnavailable:
+    # Kubelet swaps `..data` first and removes a dropped key's link after, so a link that points
+    # at nothing is usually a Secret update under way: retried, never the fallback, since the
+    # installation has an entry of its own; one that stays dangling keeps its messages retrying.
+    return TokenUnavailable(
+        f"the token file of installation {installation_id} is a symbolic link to nothing"
+        " (a Secret update under way?); retried, the fallback token is not used"
+    )
 
 
 def _broken(installation_id: str, what: str) -> TokenFileError:

@@ -162,6 +162,20 @@ def test_running_out_of_file_descriptors_is_transient_and_never_cached(tmp_path:
     assert store.token_for("icfg_1") == "tok_1"
 
 
+def test_a_dangling_symlink_is_retried_never_the_fallback(tmp_path: Path) -> None:
+    """A link whose target is gone (kubelet between swapping `..data` and removing a dropped
+    key's link) raises TokenUnavailable: the installation has an entry, so the fallback token
+    is not sent; once the link is removed, the fallback serves it."""
+    os.symlink("..data/icfg_1", tmp_path / "icfg_1")
+    store = TokenStore(tmp_path, fallback="tok_all")
+    with pytest.raises(TokenUnavailable) as caught:
+        store.token_for("icfg_1")
+    assert "symbolic link to nothing" in str(caught.value)
+    assert "tok_all" not in str(caught.value)
+    (tmp_path / "icfg_1").unlink()
+    assert store.token_for("icfg_1") == "tok_all"
+
+
 def test_unusable_fallback_token_is_a_configuration_error() -> None:
     """CONSUMER_VERCEL_TOKEN with a newline inside fails at start-up, without echoing it."""
     with pytest.raises(ConfigError) as caught:

@@ -1,6 +1,7 @@
 """The chart's alerts and dashboard: every alert fires when it should and stays quiet when it
 should not (`promtool test rules`), every PromQL expression parses (`promtool check rules`), and
-every metric they use is one a running worker exports.
+every metric they use is one a running worker exports (the outbox relay's alerts: one the
+relay exports).
 
 promtool comes from Debian's `prometheus` package; `scripts/promtool` puts it in place (the
 test script runs it). Without it these tests skip, except in CI, where they fail.
@@ -17,21 +18,32 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import prometheus_client
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from consumer.outbox.metrics import OutboxMetrics
 from consumer.publish.publisher import EventPublisher
 from tests.helpers import event, scrape, wait_until
-from tests.test_chart import CHART, NAMESPACE, render
+from tests.test_chart import CHART, NAMESPACE, OUTBOX, merged_values, render
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNBOOK = "https://docs.example/vercel-event-consumer/operations.md"
-RULE_VALUES = {"metrics": {"prometheusRule": {"enabled": True, "runbookBaseUrl": RUNBOOK}}}
+# The outbox relay on, so that its alerts are rendered too.
+RULE_VALUES = merged_values(
+    {"metrics": {"prometheusRule": {"enabled": True, "runbookBaseUrl": RUNBOOK}}}, OUTBOX
+)
 # The labels a ServiceMonitor scrape of release `relay` in `events` gives each series.
 JOB = {"job": "relay-vercel-event-consumer-metrics", "namespace": NAMESPACE}
 POD_1 = {**JOB, "pod": "relay-1", "instance": "10.0.0.1:8080"}
 POD_2 = {**JOB, "pod": "relay-2", "instance": "10.0.0.2:8080"}
 OTHER_RELEASE = {**POD_1, "job": "other-vercel-event-consumer-metrics"}
+# The same for the outbox relay's pods, scraped through their own Service.
+OUTBOX_JOB = {"job": "relay-vercel-event-consumer-outbox-metrics", "namespace": NAMESPACE}
+RELAY_1 = {**OUTBOX_JOB, "pod": "relay-outbox-1", "instance": "10.0.1.1:8080"}
+RELAY_2 = {**OUTBOX_JOB, "pod": "relay-outbox-2", "instance": "10.0.1.2:8080"}
+OTHER_RELEASE_RELAY = {**RELAY_1, "job": "other-vercel-event-consumer-outbox-metrics"}
 
 
 def promtool_path() -> str:
@@ -183,6 +195,83 @@ def scenarios() -> dict[str, dict[str, Any]]:
             "labels": POD_1,
             "quiet": [[reconnects("0x10 1x10", POD_1)], [reconnects("0+1x20", OTHER_RELEASE)]],
         },
+        "VercelConsumerBrokerBlocked": {
+            "at": "15m",
+            # blocked since minute 5 on one worker (the alarm blocks them all; one says so)
+            "fire": [blocked("0x5 1x15", POD_1), blocked("0x20", POD_2)],
+            "labels": {},
+            # a 3-minute alarm that cleared; blocked for 4 minutes so far; another release
+            "quiet": [
+                [blocked("0x5 1x3 0x12", POD_1)],
+                [blocked("0x11 1x9", POD_1)],
+                [blocked("1x20", OTHER_RELEASE)],
+            ],
+        },
+        "VercelConsumerOutboxLagging": {
+            "at": "20m",
+            # the oldest unsent row ages a minute a minute: past 300 s at minute 6
+            "fire": [unsent_age("0+60x30", RELAY_1), unsent_age("0+60x30", RELAY_2)],
+            "labels": {},
+            # a backlog caught up after 8 minutes; lagging 4 minutes so far; a steady 200 s
+            # (under the threshold); another release's relay
+            "quiet": [
+                [unsent_age("0+60x8 0x22", RELAY_1)],
+                [unsent_age("0x10 0+60x20", RELAY_1)],
+                [unsent_age("200x30", RELAY_1)],
+                [unsent_age("0+60x30", OTHER_RELEASE_RELAY)],
+            ],
+        },
+        "VercelConsumerOutboxPublishFailing": {
+            "at": "20m",
+            # both relays fail every minute since the start (the broker is unreachable)
+            "fire": [
+                relay_counter("publish_failures", "0+12x30", RELAY_1),
+                relay_counter("publish_failures", "0+12x30", RELAY_2),
+            ],
+            "labels": {},
+            # one relay fails while the other publishes; a burst of failures at minute 5 that
+            # stopped; another release; failing to reach PostgreSQL is the other alert
+            "quiet": [
+                [
+                    relay_counter("publish_failures", "0+12x30", RELAY_1),
+                    relay_counter("publish_failures", "0x30", RELAY_2),
+                ],
+                [relay_counter("publish_failures", "0x5 8x25", RELAY_1)],
+                [relay_counter("publish_failures", "0+12x30", OTHER_RELEASE_RELAY)],
+                [relay_counter("database_errors", "0+12x30", RELAY_1)],
+            ],
+        },
+        "VercelConsumerOutboxDatabaseFailing": {
+            "at": "20m",
+            "fire": [
+                relay_counter("database_errors", "0+12x30", RELAY_1),
+                relay_counter("database_errors", "0+12x30", RELAY_2),
+            ],
+            "labels": {},
+            "quiet": [
+                [
+                    relay_counter("database_errors", "0+12x30", RELAY_1),
+                    relay_counter("database_errors", "0x30", RELAY_2),
+                ],
+                [relay_counter("database_errors", "0x5 8x25", RELAY_1)],
+                [relay_counter("database_errors", "0+12x30", OTHER_RELEASE_RELAY)],
+                [relay_counter("publish_failures", "0+12x30", RELAY_1)],
+            ],
+        },
+        "VercelConsumerOutboxDeadLetters": {
+            "at": "15m",
+            "fire": [relay_counter("dead_lettered", "0x10 1x10", RELAY_1)],
+            "labels": {},
+            # none (rows published); one long ago; the worker's dead letters are not the relay's
+            "quiet": [
+                [
+                    relay_counter("dead_lettered", "0x20", RELAY_1),
+                    relay_counter("published", "0+100x20", RELAY_1),
+                ],
+                [relay_counter("dead_lettered", "1x40", RELAY_1)],
+                [deliveries("dead_lettered", "invalid_message", "0x10 1x10")],
+            ],
+        },
     }
 
 
@@ -196,6 +285,18 @@ def consuming(values: str, who: dict[str, str]) -> Any:
 
 def reconnects(values: str, who: dict[str, str]) -> Any:
     return ("vercel_consumer_broker_reconnects_total", who, values)
+
+
+def blocked(values: str, who: dict[str, str]) -> Any:
+    return ("vercel_consumer_broker_blocked", who, values)
+
+
+def unsent_age(values: str, who: dict[str, str]) -> Any:
+    return ("vercel_consumer_outbox_oldest_unsent_age_seconds", who, values)
+
+
+def relay_counter(name: str, values: str, who: dict[str, str]) -> Any:
+    return (f"vercel_consumer_outbox_{name}_total", who, values)
 
 
 def series_text(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
@@ -244,6 +345,11 @@ def test_the_rules_pass_promtool_check(rule_groups: list[dict[str, Any]], tmp_pa
         "VercelConsumerRedeliveryLimitDeadLetters",
         "VercelConsumerNotReady",
         "VercelConsumerBrokerReconnectsFlapping",
+        "VercelConsumerBrokerBlocked",
+        "VercelConsumerOutboxLagging",
+        "VercelConsumerOutboxPublishFailing",
+        "VercelConsumerOutboxDatabaseFailing",
+        "VercelConsumerOutboxDeadLetters",
     ],
 )
 def test_alert_fires_when_it_should_and_not_otherwise(
@@ -334,6 +440,39 @@ def metric_names(expr: str) -> set[str]:
     return set(IDENTIFIER.findall(NOT_METRICS.sub(" ", expr))) - OPERATORS
 
 
+def outbox_relay_exports() -> set[str]:
+    """The sample names a relay's /metrics has: its registry, as the health server serves it."""
+    text = prometheus_client.generate_latest(OutboxMetrics().registry).decode()
+    return {
+        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+
+
+def used_names(exprs: list[str]) -> dict[str, set[str]]:
+    """Metric name → the expressions using it."""
+    used: dict[str, set[str]] = {}
+    for expr in exprs:
+        names = metric_names(expr)
+        assert names, f"no metric name found in {expr!r}"
+        for name in names:
+            used.setdefault(name, set()).add(expr)
+    return used
+
+
+def test_every_metric_in_the_outbox_alerts_is_exported_by_the_relay(
+    rules: dict[str, dict[str, Any]],
+) -> None:
+    """The outbox relay's alerts (those scoped to its job) use only names the relay exports:
+    its metrics are not the worker's, and a renamed one would silently blind the alert."""
+    outbox_exprs = [rule["expr"] for rule in rules.values() if OUTBOX_JOB["job"] in rule["expr"]]
+    assert len(outbox_exprs) == 4
+    exported = outbox_relay_exports()
+    assert "vercel_consumer_outbox_publish_failures_total" in exported  # the parse works
+    used = used_names(outbox_exprs)
+    missing = {name: sorted(exprs)[0] for name, exprs in used.items() if name not in exported}
+    assert missing == {}, "used but not exported"
+
+
 async def test_every_metric_in_rules_and_dashboard_is_exported(
     chart: Any,
     rules: dict[str, dict[str, Any]],
@@ -341,8 +480,8 @@ async def test_every_metric_in_rules_and_dashboard_is_exported(
     serve_health: Any,
     publisher: EventPublisher,
 ) -> None:
-    """A running worker's /metrics has every metric name an alert or a dashboard query uses
-    (a renamed metric would silently blind both)."""
+    """A running worker's /metrics has every metric name a worker alert or a dashboard query
+    uses (a renamed metric would silently blind both)."""
     relay = await start_relay(queue_depth_interval=0.2)
     health = await serve_health(relay)
     await publisher.publish(event())
@@ -353,11 +492,8 @@ async def test_every_metric_in_rules_and_dashboard_is_exported(
 
     await wait_until(depths_sampled)
     exported = {name for name, _ in await scrape(health.url)}
-    used: dict[str, set[str]] = {}
-    for expr in [rule["expr"] for rule in rules.values()] + dashboard_exprs(chart):
-        names = metric_names(expr)
-        assert names, f"no metric name found in {expr!r}"
-        for name in names:
-            used.setdefault(name, set()).add(expr)
+    worker_exprs = [r["expr"] for r in rules.values() if OUTBOX_JOB["job"] not in r["expr"]]
+    assert len(worker_exprs) == 9
+    used = used_names(worker_exprs + dashboard_exprs(chart))
     missing = {name: sorted(exprs)[0] for name, exprs in used.items() if name not in exported}
     assert missing == {}, "used but not exported"

@@ -125,6 +125,10 @@ ALL_ON: dict[str, Any] = {
                 "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
                 "ports": [5671],
             },
+            "postgres": {
+                "to": [{"ipBlock": {"cidr": "10.30.0.0/16"}}],
+                "ports": [6432],
+            },
             "vercel": {"cidrs": ["76.76.21.0/24"]},
             "extra": [
                 {
@@ -765,6 +769,17 @@ BAD_VALUES = {
         "networkPolicy": {"egress": {"vercel": {"cidrs": ["vercel"]}}}
     },
     "broker port 0": {"networkPolicy": {"egress": {"broker": {"ports": [0]}}}},
+    "no PostgreSQL port": {"networkPolicy": {"egress": {"postgres": {"ports": []}}}},
+    "PostgreSQL peers as a string": {
+        "networkPolicy": {"egress": {"postgres": {"to": "10.0.0.0/8"}}}
+    },
+    "outbox selector that is not label matchers": {
+        "metrics": {"prometheusRule": {"outboxSelector": 'job="a" or vector(1)'}}
+    },
+    "outbox lag of 0 s": {"metrics": {"prometheusRule": {"thresholds": {"outboxLagSeconds": 0}}}},
+    "bad broker-blocked duration": {
+        "metrics": {"prometheusRule": {"thresholds": {"brokerBlockedFor": "5"}}}
+    },
     "non-postgres outbox DSN": {"outbox": {"dsn": "mysql://u:p@db/app"}},
     "zero outbox batch": {"outbox": {"batchSize": 0}},
 }
@@ -962,16 +977,49 @@ def test_prometheus_rule_needs_a_runbook_url(chart: helm.Chart) -> None:
 
 def test_prometheus_rule_carries_labels_and_an_own_selector(chart: helm.Chart) -> None:
     """Every alert gets `alertLabels` beside its severity; a custom selector replaces the
-    release's job/namespace matchers in every expression."""
-    values = merged(ALL_ON, {"metrics": {"prometheusRule": {"selector": 'app="relay"'}}})
+    release's job/namespace matchers in every worker expression, and `outboxSelector` in every
+    outbox relay expression."""
+    selectors = {"selector": 'app="relay"', "outboxSelector": 'app="relay-outbox"'}
+    values = merged(ALL_ON, OUTBOX, {"metrics": {"prometheusRule": selectors}})
     rule = render(chart, values).one("PrometheusRule")
     assert rule["metadata"]["labels"]["release"] == "prometheus"
     (group,) = rule["spec"]["groups"]
+    outbox_alerts = 0
     for alert in group["rules"]:
         assert alert["labels"]["team"] == "integrations"
         assert alert["labels"]["severity"] in {"warning", "critical"}
-        assert 'app="relay"' in alert["expr"]
+        outbox = alert["alert"].startswith("VercelConsumerOutbox")
+        outbox_alerts += outbox
+        assert ('app="relay-outbox"' if outbox else 'app="relay"') in alert["expr"]
+        assert ('app="relay"' if outbox else 'app="relay-outbox"') not in alert["expr"]
         assert "namespace=" not in alert["expr"]
+    assert outbox_alerts == 4
+
+
+def test_alerts_select_the_jobs_the_service_monitors_make(chart: helm.Chart) -> None:
+    """Prometheus Operator names a ServiceMonitor's job after the Service it scrapes: the
+    worker's alerts select the worker's metrics Service, the outbox relay's alerts the relay's;
+    without outbox.enabled there are no outbox alerts."""
+    rendered = render(chart, merged(ALL_ON, OUTBOX))
+    jobs = {}
+    for monitor in rendered.all("ServiceMonitor"):
+        matches = monitor["spec"]["selector"]["matchLabels"].items()
+        (service,) = [
+            s for s in rendered.all("Service") if matches <= s["metadata"]["labels"].items()
+        ]
+        jobs[monitor["metadata"]["name"]] = service["metadata"]["name"]
+    assert jobs == {
+        FULLNAME: f"{FULLNAME}-metrics",
+        f"{FULLNAME}-outbox": f"{FULLNAME}-outbox-metrics",
+    }
+    (group,) = rendered.one("PrometheusRule")["spec"]["groups"]
+    for alert in group["rules"]:
+        outbox = alert["alert"].startswith("VercelConsumerOutbox")
+        job = jobs[f"{FULLNAME}-outbox" if outbox else FULLNAME]
+        assert re.findall(r'job="([^"]+)"', alert["expr"]) in ([job], [job, job]), alert["alert"]
+        assert f'namespace="{NAMESPACE}"' in alert["expr"]
+    (group,) = render(chart, ALL_ON).one("PrometheusRule")["spec"]["groups"]
+    assert not [a for a in group["rules"] if "outbox" in a["alert"].lower() + a["expr"]]
 
 
 def test_dashboard_configmap_goes_where_the_sidecar_looks(chart: helm.Chart) -> None:
@@ -1002,6 +1050,11 @@ def test_notes_say_what_was_installed_and_how_to_watch_it(chart: helm.Chart) -> 
     assert "WARNING" not in configured
     assert "scaled by KEDA" in configured
     assert "dlq replay --installation icfg_alpha" in configured
+    assert "outbox" not in configured
+    outbox = render(chart, merged(ALL_ON, OUTBOX)).notes
+    assert f"Deployment/{FULLNAME}-outbox, 2 replicas" in outbox
+    assert f"Service/{FULLNAME}-outbox-metrics" in outbox
+    assert f"ServiceMonitor/{FULLNAME}-outbox" in outbox
 
 
 # Values documented as one Kubernetes object rather than key by key.
@@ -1109,3 +1162,103 @@ def test_outbox_without_a_dsn_is_refused(chart: helm.Chart) -> None:
     """outbox.enabled with neither a DSN nor an existing Secret stops the install, saying so."""
     with pytest.raises(Exception, match=r"outbox\.dsn or outbox\.existingSecret"):
         render(chart, {"outbox": {"enabled": True}})
+
+
+def test_outbox_relay_is_scraped_through_its_own_service(chart: helm.Chart) -> None:
+    """With the metrics Service and the ServiceMonitor on, the relay gets its own of each: the
+    Service reaches the relay's pods on their health port and not the workers', the monitor
+    scrapes it alone, as the worker's does (same interval, relabelings), and the worker's
+    monitor does not pick it up."""
+    rendered = render(chart, merged(ALL_ON, OUTBOX))
+    service = rendered.one("Service", f"{FULLNAME}-outbox-metrics")
+    monitor = rendered.one("ServiceMonitor", f"{FULLNAME}-outbox")
+    relay_labels = rendered.one("Deployment", f"{FULLNAME}-outbox")["spec"]["template"]["metadata"]
+    worker_labels = rendered.one("Deployment", FULLNAME)["spec"]["template"]["metadata"]
+    assert service["spec"]["selector"].items() <= relay_labels["labels"].items()
+    assert not service["spec"]["selector"].items() <= worker_labels["labels"].items()
+    (port,) = service["spec"]["ports"]
+    _, relay = outbox_relay(rendered)
+    assert port["targetPort"] in {p["name"] for p in relay["ports"]}
+    assert port["name"] == "metrics"
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    worker_service = rendered.one("Service", f"{FULLNAME}-metrics")
+    assert selector <= service["metadata"]["labels"].items()
+    assert not selector <= worker_service["metadata"]["labels"].items()
+    worker_monitor = rendered.one("ServiceMonitor", FULLNAME)
+    worker_selector = worker_monitor["spec"]["selector"]["matchLabels"].items()
+    assert not worker_selector <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == worker_monitor["spec"]["endpoints"]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+
+
+def test_outbox_monitoring_follows_the_service_and_monitor_switches(chart: helm.Chart) -> None:
+    """The relay's Service comes with service.enabled, its ServiceMonitor with
+    metrics.serviceMonitor.enabled, neither without outbox.enabled."""
+    names = render(chart, OUTBOX).kinds_and_names()
+    assert ("Service", f"{FULLNAME}-outbox-metrics") in names
+    assert not {kind for kind, _ in names} & {"ServiceMonitor", "PrometheusRule"}
+    off = render(chart, merged(OUTBOX, {"service": {"enabled": False}})).kinds_and_names()
+    assert ("Service", f"{FULLNAME}-outbox-metrics") not in off
+    outbox_off = render(chart, ALL_ON).kinds_and_names()
+    assert not [name for _, name in outbox_off if name.endswith(("-outbox", "-outbox-metrics"))]
+
+
+def test_outbox_network_policy_admits_the_health_port_and_egress_to_broker_and_postgres(
+    chart: helm.Chart,
+) -> None:
+    """The relay's pods get a policy of their own: ingress only to the health port, from the
+    configured peers; egress only to DNS, the broker, PostgreSQL and the extra rules, never
+    HTTPS to Vercel. The worker's policy does not select them, nor theirs the workers."""
+    rendered = render(chart, merged(ALL_ON, OUTBOX))
+    policy = rendered.one("NetworkPolicy", f"{FULLNAME}-outbox")["spec"]
+    relay_labels = rendered.one("Deployment", f"{FULLNAME}-outbox")["spec"]["template"]["metadata"]
+    worker_labels = rendered.one("Deployment", FULLNAME)["spec"]["template"]["metadata"]
+    assert policy["podSelector"]["matchLabels"].items() <= relay_labels["labels"].items()
+    assert not policy["podSelector"]["matchLabels"].items() <= worker_labels["labels"].items()
+    worker_policy = rendered.one("NetworkPolicy", FULLNAME)["spec"]
+    assert not worker_policy["podSelector"]["matchLabels"].items() <= relay_labels["labels"].items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"port": "health", "protocol": "TCP"}]
+    _, relay = outbox_relay(rendered)
+    assert {p["name"] for p in relay["ports"]} == {"health"}
+    assert ingress["from"] == ALL_ON["networkPolicy"]["ingress"]["from"]
+    dns, broker, postgres, extra = policy["egress"]
+    assert dns == worker_policy["egress"][0]
+    assert broker == {
+        "ports": [{"port": 5671, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+    }
+    assert postgres == {
+        "ports": [{"port": 6432, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "10.30.0.0/16"}}],
+    }
+    assert extra == ALL_ON["networkPolicy"]["egress"]["extra"][0]
+    assert "76.76.21.0/24" not in json.dumps(policy)
+    assert 443 not in {port["port"] for rule in policy["egress"] for port in rule["ports"]}
+    # The worker's policy, in turn, has no way to PostgreSQL.
+    assert 6432 not in {port["port"] for rule in worker_policy["egress"] for port in rule["ports"]}
+
+
+def test_outbox_network_policy_defaults_and_switch(chart: helm.Chart) -> None:
+    """By default the relay reaches PostgreSQL on 5432 and the broker on 5672/5671, at any
+    address; `networkPolicy.enabled=false` removes both policies."""
+    policy = render(chart, OUTBOX).one("NetworkPolicy", f"{FULLNAME}-outbox")["spec"]
+    assert "from" not in policy["ingress"][0]
+    _, broker, postgres = policy["egress"]
+    assert broker == {
+        "ports": [{"port": 5672, "protocol": "TCP"}, {"port": 5671, "protocol": "TCP"}]
+    }
+    assert postgres == {"ports": [{"port": 5432, "protocol": "TCP"}]}
+    disabled = merged(OUTBOX, {"networkPolicy": {"enabled": False}})
+    assert render(chart, disabled).all("NetworkPolicy") == []
+
+
+def test_outbox_network_policy_validates_strictly(chart: helm.Chart) -> None:
+    """The relay's policy passes Kubernetes' strict schema, and a misplaced field in it fails."""
+    policy = render(chart, merged(ALL_ON, OUTBOX)).one("NetworkPolicy", f"{FULLNAME}-outbox")
+    assert validate_object(policy).endswith("networking.k8s.io/v1/NetworkPolicy")
+    broken = copy.deepcopy(policy)
+    broken["spec"]["egress"][2]["port"] = 5432  # belongs under ports
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_object(broken)

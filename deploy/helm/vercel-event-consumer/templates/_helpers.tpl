@@ -40,6 +40,30 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: worker
 {{- end }}
 
+{{/* The outbox relay's pods: selector labels plus its component. */}}
+{{- define "vec.outboxSelectorLabels" -}}
+{{ include "vec.selectorLabels" . }}
+app.kubernetes.io/component: outbox-relay
+{{- end }}
+
+{{/* The endpoint both ServiceMonitors scrape (the worker's and the outbox relay's): the
+metrics Service's port, with the scrape settings of metrics.serviceMonitor. */}}
+{{- define "vec.serviceMonitorEndpoints" -}}
+{{- $sm := .Values.metrics.serviceMonitor -}}
+- port: metrics
+  path: /metrics
+  interval: {{ $sm.interval }}
+  scrapeTimeout: {{ $sm.scrapeTimeout }}
+  {{- with $sm.relabelings }}
+  relabelings:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $sm.metricRelabelings }}
+  metricRelabelings:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
 {{- define "vec.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "vec.fullname" .) .Values.serviceAccount.name }}

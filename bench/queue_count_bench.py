@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--counts", default="2,8,32")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    broker = PrivateBroker(args.port, "queue-count-bench", BrokerVersion(args.version))
+    broker = PrivateBroker(args.port, "queue-count-bench", version=BrokerVersion(args.version))
     broker.start(timeout=300)
     print(f"RabbitMQ {args.version}, {MESSAGES_PER_QUEUE} messages in each queue")
     print("queues | round | shutdown s | start to handshake s | handshake to all led s | total s")

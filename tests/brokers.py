@@ -11,23 +11,30 @@ switch to the rabbitmq user and keep the environment, so `RABBITMQ_*` variables 
 a 4.0 node is started through scripts/rabbitmq (which builds the chroot if needed) and driven
 with the chroot's rabbitmqctl. Starting one takes about 5-10 s.
 
-`BrokerCluster` is three such nodes made one RabbitMQ cluster: nodes 2 and 3 `join_cluster`
-node 1 (the rabbitmq user's one Erlang cookie lets them talk). `scripts/rabbitmq-cluster
-start|stop|status` drives it by hand (`python -m tests.brokers`). The cluster and nodes with a
-`config` (the TLS node) are 3.10 nodes.
+A node may get a `config` (rabbitmq.conf lines, e.g. the TLS node's listener) and files of its
+own (`put_file`, e.g. certificates), in its directory: /tmp/<name>-<port> for 3.10, and for
+4.0 /var/lib/rabbitmq/<name>-<port> inside the chroot, owned by the chroot's rabbitmq user, with
+paths in the config as the node sees them (`node_path`).
+
+`BrokerCluster` is three such nodes of one version made one RabbitMQ cluster: nodes 2 and 3
+`join_cluster` node 1 (the rabbitmq user's one Erlang cookie lets them talk; in the chroot,
+its own user's). `scripts/rabbitmq-cluster start|stop|status` drives it by hand (`python -m
+tests.brokers`, 3.10 unless TEST_BROKER_VERSION or --version says 4.0).
 """
 
 from __future__ import annotations
 
 import argparse
 import enum
+import grp
+import json
 import os
-import re
+import pwd
 import shutil
 import socket
 import subprocess
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 _SBIN = Path("/usr/sbin")
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq"
@@ -74,24 +81,83 @@ def shared_ctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
 
 
 class PrivateBroker:
-    """One extra RabbitMQ node of `version` on 127.0.0.1:`port`, with its own data."""
+    """One extra RabbitMQ node of `version` on 127.0.0.1:`port`, with its own data.
+
+    Its directory (`base` on this machine, `node_path()` as the node sees it) holds its data,
+    its rabbitmq.conf when it has a `config`, and any file put there with `put_file` (TLS
+    certificates, say): for 3.10 /tmp/<name>-<port>, for 4.0 /var/lib/rabbitmq/<name>-<port>
+    inside the chroot, which is where scripts/rabbitmq keeps a 4.0 node's data.
+    """
 
     def __init__(
         self,
         port: int = 5673,
         name: str = "vercel-consumer-test",
+        *,
         config: str | None = None,
         version: BrokerVersion = BrokerVersion.V3_10,
     ) -> None:
-        if config is not None and version is not BrokerVersion.V3_10:
-            raise ValueError("a node with its own rabbitmq.conf runs on 3.10 only")
         self.port = port
         self.version = version
         self.node = f"{name}-{port}@localhost"
-        # 3.10: under /tmp on this machine; 4.0: inside the chroot, where the node runs.
-        self.base = Path(f"/tmp/{name}-{port}")
+        self._node_base = PurePosixPath(
+            f"/var/lib/rabbitmq/{name}-{port}"
+            if version is BrokerVersion.V4_0
+            else f"/tmp/{name}-{port}"
+        )
+        self.base = (
+            CHROOT / self._node_base.relative_to("/")
+            if version is BrokerVersion.V4_0
+            else Path(self._node_base)
+        )
         self.url = f"amqp://guest:guest@127.0.0.1:{port}/"
-        self.config = config  # rabbitmq.conf lines (a TLS listener, say), written at launch
+        # rabbitmq.conf lines (a TLS listener, say), written at launch; paths in them are as
+        # the node sees them (`node_path`).
+        self.config = config
+
+    def node_path(self, name: str = "") -> PurePosixPath:
+        """The path of `name` in the node's directory as the node sees it (what rabbitmq.conf
+        names): the host path for 3.10, the path inside the chroot for 4.0."""
+        return self._node_base / name if name else self._node_base
+
+    def put_file(self, name: str, content: bytes) -> PurePosixPath:
+        """Write `content` to `name` in the node's directory, readable by the node (owned by
+        the rabbitmq user of the node's system); return the path the node sees."""
+        self._make_base()
+        path = self.base / name
+        path.write_bytes(content)
+        self._chown(path)
+        return self.node_path(name)
+
+    def wipe(self) -> None:
+        """Delete the node's directory: its data, config and files (stop the node first)."""
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def _owner(self) -> tuple[int, int]:
+        """The uid and gid of the rabbitmq user the node runs as. The chroot has its own
+        /etc/passwd, whose ids need not match this machine's (they belong to other users here)."""
+        if self.version is BrokerVersion.V3_10:
+            return pwd.getpwnam("rabbitmq").pw_uid, grp.getgrnam("rabbitmq").gr_gid
+        passwd = CHROOT / "etc" / "passwd"
+        if not (CHROOT / "usr/lib/rabbitmq/bin/rabbitmq-server").exists():
+            # Files go inside the chroot, so it must be built first (a few minutes, once).
+            raise RuntimeError(f"no RabbitMQ 4.0 in {CHROOT} yet: run scripts/rabbitmq --version 4")
+        for line in passwd.read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == "rabbitmq":
+                return int(fields[2]), int(fields[3])
+        raise RuntimeError(f"no rabbitmq user in {CHROOT}/etc/passwd")
+
+    def _chown(self, path: Path) -> None:
+        os.chown(path, *self._owner())
+
+    def _make_base(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self._chown(self.base)
+
+    def _write_config(self) -> None:
+        if self.config:
+            self.put_file("rabbitmq.conf", self.config.encode())
 
     def _env(self) -> dict[str, str]:
         config = {"RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf")} if self.config else {}
@@ -119,12 +185,13 @@ class PrivateBroker:
         through scripts/rabbitmq, which builds the chroot if needed and waits for the node."""
         if self.version is BrokerVersion.V4_0:
             env = {**os.environ, "RABBITMQ_PORT": str(self.port), "RABBITMQ4_NODE": self.node}
+            if self.config:
+                self._write_config()
+                env["RABBITMQ4_CONFIG"] = str(self.node_path("rabbitmq.conf"))
             subprocess.run([str(SCRIPT), "--version", "4"], env=env, check=True, timeout=900)
             return
-        self.base.mkdir(parents=True, exist_ok=True)
-        shutil.chown(self.base, "rabbitmq", "rabbitmq")
-        if self.config:
-            (self.base / "rabbitmq.conf").write_text(self.config)
+        self._make_base()
+        self._write_config()
         subprocess.run(
             [str(_SBIN / "rabbitmq-server"), "-detached"],
             env=self._env(),
@@ -193,10 +260,16 @@ class PrivateBroker:
 
 
 class BrokerCluster:
-    """Three nodes on 127.0.0.1:`port`, `port`+1, `port`+2, clustered with the first."""
+    """Three nodes of `version` on 127.0.0.1:`port`, `port`+1, `port`+2, clustered with the
+    first."""
 
-    def __init__(self, port: int = 5691, name: str = "vercel-consumer-cluster") -> None:
-        self.nodes = [PrivateBroker(port + i, name) for i in range(3)]
+    def __init__(
+        self,
+        port: int = 5691,
+        name: str = "vercel-consumer-cluster",
+        version: BrokerVersion = BrokerVersion.V3_10,
+    ) -> None:
+        self.nodes = [PrivateBroker(port + i, name, version=version) for i in range(3)]
 
     def url(self, index: int) -> str:
         return self.nodes[index].url
@@ -212,7 +285,7 @@ class BrokerCluster:
             return
         self.stop()
         for node in self.nodes:
-            shutil.rmtree(node.base, ignore_errors=True)
+            node.wipe()
             node.launch()
         for node in self.nodes:
             node.wait_ready(timeout)
@@ -230,9 +303,12 @@ class BrokerCluster:
             node.stop()
 
     def running_nodes(self) -> list[str]:
-        """The cluster's running nodes, as node 1 sees them."""
-        found = self.nodes[0].ctl("eval", "rabbit_nodes:all_running().", check=False)
-        return re.findall(r"'?([\w.-]+@[\w.-]+)'?", found.stdout)
+        """The cluster's running nodes, as node 1 sees them (none when node 1 is down)."""
+        found = self.nodes[0].ctl("cluster_status", "--formatter", "json", check=False)
+        if found.returncode != 0:
+            return []
+        nodes: list[str] = json.loads(found.stdout).get("running_nodes", [])
+        return nodes
 
     def is_clustered(self) -> bool:
         return sorted(self.running_nodes()) == sorted(node.node for node in self.nodes)
@@ -260,8 +336,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="rabbitmq-cluster")
     parser.add_argument("action", choices=("start", "stop", "status"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("CLUSTER_PORT", "5691")))
+    parser.add_argument("--version", choices=[v.value for v in BrokerVersion], default=VERSION)
     args = parser.parse_args()
-    cluster = BrokerCluster(args.port)
+    cluster = BrokerCluster(args.port, version=BrokerVersion(args.version))
     if args.action == "start":
         cluster.start()
         print(f"cluster: {', '.join(n.node for n in cluster.nodes)}")

@@ -78,7 +78,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 # Fixtures that reach a broker: a test using one (directly or through another) is `broker`.
-BROKER_FIXTURES = frozenset({"amqp", "channel", "private_node", "private_broker", "start_relay"})
+# `tls_node` (tests/test_tls.py) and `cluster` (tests/test_cluster.py) start nodes of the
+# selected version too; test_tls.py's tests of the settings alone use neither and run once.
+BROKER_FIXTURES = frozenset(
+    {"amqp", "channel", "private_node", "private_broker", "start_relay", "tls_node", "cluster"}
+)
 
 
 def private_settings(

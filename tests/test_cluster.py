@@ -1,8 +1,10 @@
-"""Failover on a three-node RabbitMQ 3.10 cluster: two workers, the work queue's leader node
-stopped and brought back, then the node a worker is connected to; nothing is lost.
+"""Failover on a three-node RabbitMQ cluster: two workers, the work queue's leader node stopped
+and brought back, then the node a worker is connected to; nothing is lost.
 
 The cluster (tests/brokers.py `BrokerCluster`, ports TEST_CLUSTER_BROKER_PORT..+2, default
-5691-5693) is started once per session, and left running if it already was.
+5691-5693) is made of nodes of the selected version (TEST_BROKER_VERSION: 3.10, or 4.0 in the
+chroot); it is started once per session, and left running if it already was. The `cluster`
+fixture marks the test `broker`, so scripts/test runs it on both versions.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from consumer.testing.vercel_sim import VercelSimulator
-from tests.brokers import BrokerCluster, PrivateBroker
+from tests.brokers import VERSION, BrokerCluster, PrivateBroker
 from tests.chaos import CHAOS_TOKENS, Scenario, WorkerProcess
 from tests.helpers import wait_until
 
@@ -26,7 +28,7 @@ OUTAGE = 10.0  # seconds a stopped node stays down
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[BrokerCluster]:
-    made = BrokerCluster(CLUSTER_PORT)
+    made = BrokerCluster(CLUSTER_PORT, version=VERSION)
     was_running = all(node.is_ready() for node in made.nodes)
     made.start()
     yield made

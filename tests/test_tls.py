@@ -1,7 +1,9 @@
 """amqps:// with a private CA and a client certificate (mutual TLS), on a real RabbitMQ node.
 
-The node (ports TEST_TLS_BROKER_PORT for AMQP and +1 for AMQP over TLS, default 5681/5682)
-gets certificates made at test time by `trustme`, and demands a client certificate. The worker
+The node (ports TEST_TLS_BROKER_PORT for AMQP and +1 for AMQP over TLS, default 5681/5682) is
+of the selected version (TEST_BROKER_VERSION: 3.10, or 4.0 in the chroot; the `tls_node`
+fixture marks its tests `broker`, so scripts/test runs them on both). It gets certificates
+made at test time by `trustme`, and demands a client certificate. The worker
 and the `dlq` commands connect through it; a wrong CA, an expired certificate and a plain
 port given as amqps:// each end in one sentence in the log and in /readyz's reason.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from consumer.settings import load_settings
 from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import connect
 from consumer.vercel import VercelClient
-from tests.brokers import PrivateBroker
+from tests.brokers import VERSION, PrivateBroker
 from tests.helpers import event, run_cli, wait_until
 from tests.test_resilience import ListLog
 
@@ -36,22 +37,19 @@ PASSWORD = "gu3st-Pa55"  # never to be seen in a message
 
 
 def _tls_node(port: int, name: str, ca: trustme.CA, server: trustme.LeafCert) -> PrivateBroker:
-    node = PrivateBroker(port, name)
+    node = PrivateBroker(port, name, version=VERSION)
     node.stop()
-    shutil.rmtree(node.base, ignore_errors=True)
-    node.base.mkdir(parents=True)
-    ca.cert_pem.write_to_path(str(node.base / "ca.pem"))
-    server.cert_chain_pems[0].write_to_path(str(node.base / "server.pem"))
-    server.private_key_pem.write_to_path(str(node.base / "server.key"))
-    for item in node.base.iterdir():
-        shutil.chown(item, "rabbitmq", "rabbitmq")
+    node.wipe()
+    cacert = node.put_file("ca.pem", ca.cert_pem.bytes())
+    cert = node.put_file("server.pem", server.cert_chain_pems[0].bytes())
+    key = node.put_file("server.key", server.private_key_pem.bytes())
     node.config = "\n".join(
         [
             f"listeners.tcp.default = {port}",
             f"listeners.ssl.default = {port + 1}",
-            f"ssl_options.cacertfile = {node.base / 'ca.pem'}",
-            f"ssl_options.certfile = {node.base / 'server.pem'}",
-            f"ssl_options.keyfile = {node.base / 'server.key'}",
+            f"ssl_options.cacertfile = {cacert}",
+            f"ssl_options.certfile = {cert}",
+            f"ssl_options.keyfile = {key}",
             "ssl_options.verify = verify_peer",
             "ssl_options.fail_if_no_peer_cert = true",
             "",

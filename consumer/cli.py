@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from consumer import amqptables
 from consumer._version import __version__
 from consumer.app import serve
 from consumer.asyncapi import document, to_yaml
@@ -44,6 +45,9 @@ from consumer.topology import Topology
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    # Every command decodes messages or publishes them: none may stop at a header nested too
+    # deep for pamqp (consumer/amqptables.py).
+    amqptables.install()
     try:
         args.command(args)
     except (ConfigError, ContractError) as exc:

@@ -39,12 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import pamqp.encode
+import pamqp.frame
+import pamqp.header
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, HeadersType
 
 from consumer.errors import BrokerError
@@ -351,15 +354,37 @@ class Republisher:
                 await self._channel.close()
 
 
-def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
+def copy_message(
+    message: AbstractIncomingMessage, headers: HeadersType, *, fill_frame: bool = False
+) -> aio_pika.Message:
     """A persistent copy of `message`: the same body and properties with other `headers` (made
     publishable, see `publishable_headers`), and neither `expiration` (it would let the copy
     vanish) nor `user_id` (the broker checks it against our login; callers keep it as the
-    `original-user-id` header)."""
+    `original-user-id` header).
+
+    With `fill_frame`, headers are dropped only when the copy's header frame would not fit in
+    FRAME_MAX at all, rather than to leave HEADERS_LIMIT's room for ours: for the exact copy
+    that keeps a dead letter in the DLQ, which the broker took in one frame already (a header
+    as large as the frame, nested 26,000 deep say, must not be lost to a `dlq list`)."""
     kept = {name: getattr(message, name) for name in PROPERTIES if name not in NOT_COPIED}
-    return aio_pika.Message(
-        message.body,
-        headers=publishable_headers(headers),
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        **kept,
-    )
+
+    def copy(limit: int) -> aio_pika.Message:
+        return aio_pika.Message(
+            message.body,
+            headers=publishable_headers(headers, limit),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            **kept,
+        )
+
+    if fill_frame:
+        whole = copy(sys.maxsize)  # no header dropped for size; the frame itself is measured
+        if header_frame_bytes(whole) <= FRAME_MAX:
+            return whole
+    return copy(HEADERS_LIMIT)
+
+
+def header_frame_bytes(message: aio_pika.Message) -> int:
+    """The size of `message`'s content header frame on the wire, frame header and end included
+    (what must be at most the connection's frame_max)."""
+    header = pamqp.header.ContentHeader(0, len(message.body), message.properties)
+    return len(pamqp.frame.marshal(header, 1))

@@ -80,8 +80,9 @@ class _ToStructlog(logging.Handler):
             structlog.get_logger(record.name).debug(record.getMessage(), **fields)
             return
         if record.exc_info and isinstance(record.exc_info[1], RecursionError):
-            # A thousand frames of one decoder (headers nested too deep, 218 KB a line, twice
-            # a second while the worker reconnects): one line says it as well.
+            # A thousand frames of one decoder (headers nested too deep did it, 218 KB a line,
+            # twice a second while the worker reconnects, before consumer/amqptables.py): one
+            # line says it as well.
             fields["error"] = f"RecursionError: {record.exc_info[1]} (traceback left out)"
         elif record.exc_info:
             fields["exc_info"] = record.exc_info

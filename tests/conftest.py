@@ -23,6 +23,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from consumer import amqptables
 from consumer.app import build_worker
 from consumer.health import HealthServer
 from consumer.logs import configure_logging, get_logger
@@ -46,6 +47,9 @@ from tests.helpers import (
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The test session is an entry point too: its in-process workers and readers decode as
+    # `vercel-consumer` does (consumer/amqptables.py).
+    amqptables.install()
     config.addinivalue_line("markers", "broker: talks to RabbitMQ (runs once per version in CI)")
 
 

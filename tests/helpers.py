@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.contract import example_event
+from consumer.deadletter import FRAME_MAX, header_frame_bytes
 from consumer.metrics import Metrics
+from consumer.nesting import DeepValue
 from consumer.settings import Settings, load_settings
 from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import Topology
@@ -193,3 +196,23 @@ async def wait_for_dead_letters(
             raise AssertionError(f"{len(collected)} of {count} dead letters within {timeout} s")
         await asyncio.sleep(0.05)
     return collected
+
+
+def nested(levels: int, *, tables: bool = False) -> DeepValue:
+    """A header value of `levels` arrays (5 bytes each on the wire) or tables with an empty key
+    (6 bytes) each inside the next, built as bytes without recursion."""
+    inner = b"\x00\x00\x00\x00"
+    for _ in range(levels - 1):
+        entry = b"\x00F" + inner if tables else b"A" + inner
+        inner = len(entry).to_bytes(4, "big") + entry
+    return DeepValue.parse((b"F" if tables else b"A") + inner)
+
+
+def deepest_fitting(make: Callable[[DeepValue], aio_pika.Message]) -> int:
+    """The most arrays nested in one another that a `make(value)` message's header frame can
+    hold within FRAME_MAX, RabbitMQ's default frame_max (the shared broker's)."""
+    base = header_frame_bytes(make(nested(1)))
+    levels = 1 + (FRAME_MAX - base) // 5
+    assert header_frame_bytes(make(nested(levels))) <= FRAME_MAX
+    assert header_frame_bytes(make(nested(levels + 1))) > FRAME_MAX
+    return levels

@@ -22,10 +22,11 @@ from typing import Any
 
 import aio_pika
 import orjson
+import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from consumer.dlq.export import ExportedMessage, encode_line
+from consumer.dlq.export import ExportedMessage, decode_line, encode_line
 from consumer.dlq.model import DeadLetterInfo, Filter
 from consumer.dlq.progress import ProgressLines
 from consumer.dlq.purge import purge
@@ -34,10 +35,20 @@ from consumer.dlq.replay import ReplayOptions, replay
 from consumer.dlq.restore import import_export
 from consumer.dlq.session import DlqSession, locked_session, look
 from consumer.errors import BrokerError
+from consumer.nesting import DeepValue
 from consumer.testing.vercel_sim import VercelSimulator
 from consumer.topology import QUORUM, WORK_QUEUE_DELIVERY_LIMIT, Topology, declare
 from tests.brokers import VERSION, PrivateBroker
-from tests.helpers import AMQP_URL, Relay, drain_queue, event, run_cli, wait_until
+from tests.helpers import (
+    AMQP_URL,
+    Relay,
+    deepest_fitting,
+    drain_queue,
+    event,
+    nested,
+    run_cli,
+    wait_until,
+)
 
 
 def at(minute: int) -> datetime:
@@ -626,6 +637,63 @@ async def test_cli_purge_needs_a_yes_then_export_and_import_round_trip(
     assert "imported 1 of 1" in restored.stdout
     remaining = await drain_queue(channel, topology.dead_letter_queue)
     assert keys(remaining) == [0, 2, 3, 4, 5, 6, 7, 1]  # the import goes to the back
+
+
+async def test_cli_reads_exports_replays_and_purges_headers_nested_as_deep_as_a_frame_allows(
+    amqp: AbstractConnection, channel: AbstractChannel, topology: Topology, tmp_path: Path
+) -> None:
+    """A dead letter whose headers nest 1,200 tables deep (the delivery limit used to bring
+    such a message here, undecodable) and one nested as deep as a 131,072-byte frame allows
+    (26,000 arrays or so) used to stop every dlq command at RecursionError, exit 1. Now each
+    command counts them and exits 0; looking keeps them byte for byte; the export holds them
+    (packed, `$amqp`), `import` puts them back; purge removes one, replay moves the other with
+    its header whole."""
+    deep_sample, deepest_sample, plain = SAMPLES[0], SAMPLES[1], SAMPLES[2]
+
+    def with_header(sample: Sample, value: DeepValue) -> aio_pika.Message:
+        message = sample.message(topology)
+        message.headers = {**message.headers, "deep": value}
+        return message
+
+    deep = nested(1200, tables=True)
+    deepest = nested(deepest_fitting(lambda value: with_header(deepest_sample, value)))
+    publisher = await amqp.channel(publisher_confirms=True)
+    for message in (with_header(deep_sample, deep), with_header(deepest_sample, deepest)):
+        await publisher.default_exchange.publish(message, topology.dead_letter_queue)
+    await seed(amqp, topology, [plain])
+
+    stats = dlq_cli(topology, "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["total"] == 3
+    listed = dlq_cli(topology, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [row["reason"] for row in json.loads(listed.stdout)] == [
+        "no_credentials",
+        "invalid_message",
+        "rejected_by_vercel",
+    ]
+    export = tmp_path / "deep.jsonl"
+    purged = dlq_cli(topology, "purge", "--yes", "--export", str(export))
+    assert purged.returncode == 0, purged.stderr
+    assert "deleted 3 dead letters" in purged.stdout
+    first, second, _ = (decode_line(line, number=1) for line in export.read_bytes().splitlines())
+    assert pamqp.encode.encode_table_value(first.headers["deep"]) == deep.raw
+    assert pamqp.encode.encode_table_value(second.headers["deep"]) == deepest.raw
+    assert b'"$amqp"' in export.read_bytes()
+
+    restored = dlq_cli(topology, "import", str(export))
+    assert restored.returncode == 0, restored.stderr
+    assert "imported 3 of 3" in restored.stdout
+    removed = dlq_cli(topology, "purge", "--yes", "--reason", "invalid_message")
+    assert removed.returncode == 0, removed.stderr
+    assert "deleted 1 dead letters" in removed.stdout
+    replayed = dlq_cli(topology, "replay", "--json")
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["moved"] == 2
+    moved = await drain_queue(channel, topology.queue)
+    assert keys(moved) == [0, 2]
+    assert pamqp.encode.encode_table_value(moved[0].headers["deep"]) == deep.raw
+    assert await drain_queue(channel, topology.dead_letter_queue) == []
 
 
 @pytest.mark.parametrize(

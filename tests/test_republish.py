@@ -5,8 +5,8 @@ do not fit. Every test runs a real worker against a real broker and the simulato
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
-import json
 import struct
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 import orjson
 import pamqp.decode
 import pamqp.encode
@@ -23,11 +24,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.contract import example_event
-from consumer.deadletter import header_time, publishable_headers
+from consumer.deadletter import (
+    FRAME_MAX,
+    HEADERS_LIMIT,
+    header_frame_bytes,
+    header_time,
+    publishable_headers,
+)
+from consumer.dlq.export import FORMAT, ExportedMessage, decode_line, encode_line
+from consumer.errors import ConfigError
+from consumer.nesting import DeepValue
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from consumer.topology import Topology
 from tests.brokers import PrivateBroker
-from tests.helpers import AMQP_URL, drain_queue, wait_for_dead_letters, wait_until
+from tests.helpers import (
+    AMQP_URL,
+    deepest_fitting,
+    drain_queue,
+    nested,
+    wait_for_dead_letters,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -283,67 +300,116 @@ async def test_header_names_longer_than_amqp_allows_are_dropped_not_cut(
     assert not [name for name in dead.headers if name.startswith(("l", "nested"))]
 
 
-NESTED_TOO_DEEP = object()  # stands for headers nested 1,200 tables deep (8 KB on the wire)
+def _deepest(make: Callable[[DeepValue], aio_pika.Message]) -> DeepValue:
+    return nested(deepest_fitting(make))
 
 
-def nested_tables(levels: int) -> bytes:
-    """An AMQP field table holding `levels` tables each inside the next (built without the
-    recursion that pamqp would need, and fail at, to encode it)."""
-    table = struct.pack(">I", 0)
-    for _ in range(levels):
-        entry = b"\x01aF" + table
-        table = struct.pack(">I", len(entry)) + entry
-    return table
+def _1200_tables(make: Callable[[DeepValue], aio_pika.Message]) -> DeepValue:
+    return nested(1200, tables=True)
 
 
-async def test_headers_nested_too_deep_to_decode_log_one_line_and_a_delivery_limit_clears_them(
+@pytest.mark.parametrize("deep_value", [_1200_tables, _deepest], ids=["1200-tables", "deepest"])
+async def test_headers_nested_as_deep_as_a_frame_allows_neither_stop_nor_lose_an_event(
     start_relay: Callable[..., Awaitable[Any]],
     sim: VercelSimulator,
-    private_broker: PrivateBroker,
-    monkeypatch: pytest.MonkeyPatch,
+    pub_channel: AbstractChannel,
+    channel: AbstractChannel,
+    deep_value: Callable[[Callable[[DeepValue], aio_pika.Message]], DeepValue],
 ) -> None:
-    """aiormq cannot decode headers nested 1,200 deep (RecursionError): the channel closes
-    before the message reaches our code and the worker reconnects, again and again. Each time
-    aiormq's log line carried a 218 KB traceback; now it is one short line. What takes the
-    message out of the way is the broker's delivery limit (a policy; docs/operations.md): the
-    work queue dead-letters it, and the event behind it gets through (or, having shared its
-    deliveries, is in the DLQ too; kept, not lost)."""
-    encode = pamqp.encode.encode_table_value
-    deep = b"F" + nested_tables(1200)
-    monkeypatch.setattr(
-        pamqp.encode,
-        "encode_table_value",
-        lambda value: deep if value is NESTED_TOO_DEEP else encode(value),
-    )
-    relay = await start_relay(amqp_url=private_broker.url)
-    queue, dlq = relay.topology.queue, relay.topology.dead_letter_queue
+    """pamqp used to decode headers with two Python calls per level, each copying the rest of
+    the frame: at 1,200 tables deep aiormq's reader stopped at RecursionError, the worker
+    reconnected in a loop and only the broker's delivery limit took the message out of the
+    way (to a DLQ no dlq command could read past). Now what lies beyond 64 levels stays packed
+    (consumer/amqptables.py): a valid event with such a header is delivered, an invalid one is
+    dead-lettered with its reason, its header byte for byte, both at 1,200 tables and at the
+    26,200 arrays or so that fill a 131,072-byte frame. There, the copy has no room for the header
+    next to ours: it is dropped and named, like any header too large. No reconnect."""
+    relay = await start_relay()
     event_id = f"evt_{uuid.uuid4().hex[:12]}"
-    try:
-        async with await aio_pika.connect(private_broker.url) as connection:
-            channel = await connection.channel(publisher_confirms=True)
-            poison = aio_pika.Message(b"{}", headers={"deep": NESTED_TOO_DEEP})
-            await publish(channel, relay.topology.exchange, [poison])
-            await wait_until(lambda: relay.worker.reconnects >= 2)
-            # Whether aiormq's RecursionError line itself reaches the relay's log depends on
-            # the library-log bridge and the folding of lost-connection reports (it did after
-            # other tests of the suite, not in this test alone): what holds either way is that
-            # no line is a 218 KB traceback.
-            assert max(len(line) for line in relay.log_text().splitlines()) < 2048
-            policy = json.dumps({"delivery-limit": 3})
-            private_broker.ctl("set_policy", "limit-" + queue, f"^{queue}$", policy)
-            await publish(
-                channel, relay.topology.exchange, [aio_pika.Message(body(event_id, event_id))]
-            )
 
-            async def cleared() -> bool:
-                depth = await channel.declare_queue(dlq, passive=True)
-                dead = depth.declaration_result.message_count
-                return dead == 2 or (dead == 1 and event_id in delivered(sim))
+    def valid(value: DeepValue) -> aio_pika.Message:
+        return aio_pika.Message(body(event_id, event_id), message_id=event_id, headers={"d": value})
 
-            await wait_until(cleared, timeout=60, interval=0.5)
-    finally:
-        private_broker.ctl("clear_policy", "limit-" + queue, check=False)
-        await _delete_topology(private_broker.url, relay.topology)
+    def invalid(value: DeepValue) -> aio_pika.Message:
+        return aio_pika.Message(b"not json", message_id=f"{event_id}-x", headers={"d": value})
+
+    sent = deep_value(invalid)
+    await publish(pub_channel, relay.topology.exchange, [valid(deep_value(valid))])
+    await publish(pub_channel, relay.topology.exchange, [invalid(sent)])
+    await wait_until(lambda: event_id in delivered(sim))
+    [dead] = await wait_for_dead_letters(channel, relay.topology.queue, 1)
+    assert dead.headers["dead-letter-reason"] == "invalid_message"
+    if len(sent.raw) < HEADERS_LIMIT:
+        assert pamqp.encode.encode_table_value(dead.headers["d"]) == sent.raw
+        assert "dropped-headers" not in dead.headers
+    else:
+        assert "d" not in dead.headers
+        assert dead.headers["dropped-headers"] == "d"
+    assert relay.worker.reconnects == 0
+    assert max(len(line) for line in relay.log_text().splitlines()) < 2048
+
+
+async def test_a_header_deeper_than_a_frame_holds_is_refused_by_the_broker_itself() -> None:
+    """What bounds the depth of a header the relay can be handed: the deepest header within
+    FRAME_MAX is taken (26,208 arrays), and a deeper one makes RabbitMQ close the publisher's
+    connection (`frame_too_large`). RabbitMQ compares the frame's payload, not the frame, with
+    frame_max: 3.10 took a frame up to 8 bytes over it, so the refused one is the first beyond
+    that."""
+
+    def message(value: DeepValue) -> aio_pika.Message:
+        # With a message_id: aiormq would add one of 32 characters, beyond what is measured.
+        return aio_pika.Message(b"{}", headers={"d": value}, message_id="m")
+
+    levels = deepest_fitting(message)
+    assert levels == 26_208
+    refused = levels + 1
+    while header_frame_bytes(message(nested(refused))) <= FRAME_MAX + 8:
+        refused += 1
+    async with await aio_pika.connect(AMQP_URL) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await channel.default_exchange.publish(message(nested(levels)), queue.name)
+        with pytest.raises(aiormq.exceptions.ConnectionFrameError, match="frame_too_large"):
+            await channel.default_exchange.publish(message(nested(refused)), queue.name)
+
+
+def dollar_tables(levels: int) -> bytes:
+    """A headers table of `levels` tables, each the only value of a key starting with `$` (the
+    export wraps each as `{"$table": …}`, two JSON levels for one)."""
+    inner = b"\x00\x00\x00\x00"
+    for _ in range(levels):
+        entry = b"\x02$xF" + inner
+        inner = len(entry).to_bytes(4, "big") + entry
+    return inner
+
+
+@pytest.mark.parametrize("levels", [1, 63, 64, 65, 1200, 21_000])
+def test_deep_headers_decode_without_recursion_and_travel_byte_for_byte(levels: int) -> None:
+    """Any depth a frame can carry decodes at the default recursion limit, re-encodes to the
+    same bytes, and goes through the dlq export format (orjson stops at 254 levels) and back."""
+    raw = dollar_tables(levels)
+    consumed, headers = pamqp.decode.field_table(raw)
+    assert consumed == len(raw)
+    assert pamqp.encode.field_table(headers) == raw
+    assert len(repr(headers)) < 1024  # what is left packed is shown short
+    line = encode_line(ExportedMessage(b"{}", {"headers": headers}))
+    assert pamqp.encode.field_table(decode_line(line, number=1).headers) == raw
+
+
+def test_a_packed_value_that_is_not_one_well_formed_table_is_refused_on_import() -> None:
+    """An export's `$amqp` value is checked before anything is published: a length that runs
+    past the value, or an unknown type inside, is a bad record, not a broken connection."""
+    for raw in (b"F\x00\x00\x00\x05\x00V", b"A\x00\x00\x00\x01Q", b"S\x00\x00\x00\x00"):
+        content = base64.b64encode(raw).decode()
+        line = orjson.dumps(
+            {
+                "format": FORMAT,
+                "body_base64": "",
+                "properties": {"headers": {"d": {"$amqp": content}}},
+            }
+        )
+        with pytest.raises(ConfigError, match="not a dead-letter export record"):
+            decode_line(line, number=1)
 
 
 NAMES = st.text(min_size=1, max_size=140) | st.text(alphabet="é", min_size=60, max_size=70)

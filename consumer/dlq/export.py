@@ -7,9 +7,11 @@
 ```
 
 The body is base64 of the exact bytes. AMQP header values that JSON has no type for are tagged
-objects: `{"$bytes": base64}`, `{"$datetime": iso}`, `{"$decimal": "1.5"}`; a header table that
-itself has one key starting with `$` is wrapped as `{"$table": {...}}` so it cannot be taken for
-a tag. Decoding gives back the values aio-pika decoded on export.
+objects: `{"$bytes": base64}`, `{"$datetime": iso}`, `{"$decimal": "1.5"}`, and
+`{"$amqp": base64}` for a table or array nested too deep to unpack (consumer/nesting.py: its
+exact AMQP encoding, type byte first); a header table that itself has one key starting with `$`
+is wrapped as `{"$table": {...}}` so it cannot be taken for a tag. Decoding gives back the
+values aio-pika decoded on export.
 
 `ExportFile` writes a file the way purge needs it: never over an existing file (it may be the
 only copy of an earlier purge), durable (the file and its directory fsynced) before anything
@@ -33,6 +35,7 @@ import orjson
 
 from consumer.errors import ConfigError
 from consumer.headers import PROPERTIES
+from consumer.nesting import DeepValue
 
 FORMAT = "vercel-consumer.dlq-export.v1"
 # The longest line read back: a 16 MiB body (RabbitMQ 4's default max_message_size) in base64,
@@ -101,6 +104,8 @@ def _encode(value: Any) -> Any:
         return {"$datetime": value.isoformat()}
     if isinstance(value, Decimal):
         return {"$decimal": str(value)}
+    if isinstance(value, DeepValue):
+        return {"$amqp": base64.b64encode(value.raw).decode("ascii")}
     if isinstance(value, list | tuple):
         return [_encode(item) for item in value]
     if isinstance(value, Mapping):
@@ -132,6 +137,8 @@ def _untag(tag: str, content: Any) -> Any:
         return datetime.fromisoformat(content)
     if tag == "$decimal":
         return Decimal(content)
+    if tag == "$amqp":
+        return DeepValue.parse(base64.b64decode(content, validate=True))
     if tag == "$table":
         return {key: _decode(item) for key, item in content.items()}
     raise ValueError(f"unknown tag {tag}")

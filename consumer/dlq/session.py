@@ -199,7 +199,7 @@ class DlqSession:
     async def keep(self, message: AbstractIncomingMessage) -> None:
         """Leave `message` in the DLQ: its exact copy at the tail, confirmed, then the original
         acked. On failure the original stays in hand (returned when the session ends)."""
-        copy = copy_message(message, stored_headers(message))
+        copy = copy_message(message, stored_headers(message), fill_frame=True)
         action = f"keeping {message.message_id!r} in {self.dlq}"
         with self._lost_channel_errors(action), publish_errors(action):
             await self.unless_lost(

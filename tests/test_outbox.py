@@ -407,18 +407,45 @@ async def test_sent_rows_are_deleted_after_the_retention(
     assert len(await outbox_ids(outbox_dsn)) <= 1
 
 
-async def test_the_backlog_is_measured(
-    outbox_dsn: str, names: dict[str, str], free_port: int
+async def test_the_backlog_gauges_move_while_the_broker_is_unreachable(
+    outbox_dsn: str,
+    names: dict[str, str],
+    audit: AbstractQueue,
+    free_port: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The backlog gauge counts unsent rows while they cannot be published."""
+    """Regression: the gauges were sampled only after a round that reached the broker, so in a
+    broker outage they froze (a relay that never reached it reported 0) and the lag alert kept
+    quiet through the very outage it is for. Now, with no broker at all, the backlog follows
+    the rows as they are committed and the oldest unsent row's age keeps rising; once a relay
+    with a broker has published them, both are 0 (sent rows are not counted)."""
+    import consumer.outbox.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "SAMPLE_EVERY", 0.1)  # samples in a test's time
     await insert_events(outbox_dsn, [event() for _ in range(5)])
-    async with running_relay(
-        outbox_dsn, names, amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port}/"
-    ) as relay:
-        relay._next_sample = 0.0
-        await relay._housekeeping()
-        assert relay.metrics.backlog._value.get() == 5
-        assert relay.metrics.oldest_unsent_age._value.get() >= 0
+    dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port}/"
+    async with running_relay(outbox_dsn, names, amqp_url=dead_broker) as relay:
+        backlog, age = relay.metrics.backlog._value, relay.metrics.oldest_unsent_age._value
+        await wait_until(lambda: backlog.get() == 5)
+        await insert_events(outbox_dsn, [event() for _ in range(3)])
+        await wait_until(lambda: backlog.get() == 8)
+        async with await psycopg.AsyncConnection.connect(outbox_dsn) as connection:
+            cursor = await connection.execute(
+                "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM vercel_outbox"
+            )
+            (waited,) = await cursor.fetchone() or (0.0,)
+        sampled = age.get()
+        await wait_until(lambda: age.get() >= max(waited, sampled) + 0.5)
+        assert relay.readiness() == (False, {"reason": "broker_unavailable"})
+        assert relay.metrics.publish_failures._value.get() >= 1
+        assert relay.metrics.published._value.get() == 0
+    assert len(await outbox_ids(outbox_dsn, "sent_at IS NULL")) == 8
+    async with running_relay(outbox_dsn, names) as relay:
+        await drain(audit, 8)
+        backlog, age = relay.metrics.backlog._value, relay.metrics.oldest_unsent_age._value
+        backlog.set(-1)  # so that only a sample taken from now on can pass
+        age.set(-1)
+        await wait_until(lambda: backlog.get() == 0 and age.get() == 0)
 
 
 # ── commands ─────────────────────────────────────────────────────────────────────────────────

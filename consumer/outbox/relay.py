@@ -9,9 +9,13 @@ at most one batch of duplicates (the worker and Vercel see the same event id twi
 It wakes when a writer's NOTIFY arrives (a second connection LISTENs) and every
 `poll_interval` seconds regardless, so a lost notification, or none at all behind PgBouncer in
 transaction mode, costs one interval. A full batch is followed at once by the next. Between
-batches it samples the backlog for /metrics and deletes sent rows older than `retention`,
-`DELETE_BATCH` at a time. PostgreSQL or the broker away: it says so once, waits and
-reconnects; rows wait unsent.
+batches it deletes sent rows older than `retention`, `DELETE_BATCH` at a time. PostgreSQL or
+the broker away: it says so once, waits and reconnects; rows wait unsent.
+
+The backlog gauges for /metrics are sampled by a task of their own on a third connection,
+every `SAMPLE_EVERY` seconds whatever the loop is doing: the broker's outage is exactly when
+the oldest unsent row's age must keep rising (the lag alert reports it), and a loop that
+cannot publish, or waits `PUBLISH_TIMEOUT` on a blocked broker, would freeze them.
 """
 
 from __future__ import annotations
@@ -118,7 +122,6 @@ class OutboxRelay:
         self._broker: _Broker | None = None
         self._failures = 0
         self._problem: str | None = "starting"
-        self._next_sample = 0.0
         self._next_cleanup = 0.0
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -128,13 +131,17 @@ class OutboxRelay:
         return False, {"reason": self._problem}
 
     async def run(self, stop: asyncio.Event) -> None:
-        listener = asyncio.create_task(self._listen() if self.config.listen else _idle())
+        helpers = {
+            asyncio.create_task(self._listen() if self.config.listen else _idle()),
+            asyncio.create_task(self._sample()),
+        }
         try:
             while not stop.is_set():
                 await self._step(stop)
         finally:
-            listener.cancel()
-            await asyncio.wait({listener})
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.wait(helpers)
             await self._drop_database()
             await self._drop_broker()
 
@@ -232,20 +239,37 @@ class OutboxRelay:
                 await store.note_failure(db, [row.seq for row in rows], error[:1000])
 
     async def _housekeeping(self) -> None:
-        """Now and then: sample the backlog, delete old sent rows."""
+        """Now and then: delete old sent rows."""
         now = time.monotonic()
         db = await self._database()
-        if now >= self._next_sample:
-            self._next_sample = now + SAMPLE_EVERY
-            count, age = await store.backlog(db)
-            self.metrics.backlog.set(count)
-            self.metrics.oldest_unsent_age.set(age)
         if now >= self._next_cleanup:
             self._next_cleanup = now + CLEANUP_EVERY
             deleted = DELETE_BATCH
             while deleted == DELETE_BATCH:
                 deleted = await store.delete_sent(db, self.config.retention, DELETE_BATCH)
                 self.metrics.deleted.inc(deleted)
+
+    async def _sample(self) -> None:
+        """Set the backlog gauges every SAMPLE_EVERY seconds while PostgreSQL answers, whether
+        or not the broker does; reconnect when the connection is lost. Until it is back the
+        gauges keep their last value, and database_errors_total counts the failures."""
+        failures = 0
+        while True:
+            try:
+                async with await store.connect(self.config.dsn, autocommit=True) as connection:
+                    while True:
+                        count, age = await store.backlog(connection)
+                        self.metrics.backlog.set(count)
+                        self.metrics.oldest_unsent_age.set(age)
+                        failures = 0
+                        await asyncio.sleep(SAMPLE_EVERY)
+            except Exception as exc:  # noqa: BLE001 - stale gauges, never a stopped relay
+                if isinstance(exc, DatabaseError):
+                    self.metrics.database_errors.inc()
+                failures += 1
+                if failures == 1:  # once per outage
+                    self.log.warning("outbox backlog not sampled", detail=str(exc))
+            await asyncio.sleep(_delay(failures))
 
     async def _listen(self) -> None:
         """Set the wake-up event on every NOTIFY; reconnect when the connection is lost."""

@@ -136,8 +136,15 @@ DELETE FROM {TABLE} WHERE seq IN (
     SELECT seq FROM {TABLE} WHERE sent_at < now() - make_interval(secs => %s) LIMIT %s
 )
 """
-BACKLOG = (
-    "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 "
-    f"FROM {TABLE} WHERE sent_at IS NULL"
-)
+# The backlog and the age of its head, both from the partial index on unsent rows: the count is
+# an index-only scan of the backlog alone (never of the sent rows the retention keeps, which a
+# `min(created_at)` over the table made a sequential scan of), the head one index probe. The head
+# is the first unsent row in publishing order. A row behind it may have an earlier created_at
+# (its transaction began first and inserted later), so the age can fall short of the oldest
+# created_at by at most the time such a transaction ran before its INSERT.
+BACKLOG = f"""
+SELECT (SELECT count(*) FROM {TABLE} WHERE sent_at IS NULL),
+       coalesce((SELECT extract(epoch FROM now() - created_at) FROM {TABLE}
+                 WHERE sent_at IS NULL ORDER BY seq LIMIT 1), 0)::float8
+"""
 LISTEN = f"LISTEN {CHANNEL}"

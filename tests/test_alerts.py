@@ -1,7 +1,7 @@
 """The chart's alerts and dashboard: every alert fires when it should and stays quiet when it
 should not (`promtool test rules`), every PromQL expression parses (`promtool check rules`), and
-every metric they use is one a running worker exports (the outbox relay's alerts: one the
-relay exports).
+every metric they use is one a running worker exports (the outbox relay's alerts and dashboard
+row: one the relay exports).
 
 promtool comes from Debian's `prometheus` package; `scripts/promtool` puts it in place (the
 test script runs it). Without it these tests skip, except in CI, where they fail.
@@ -80,17 +80,28 @@ def rules(rule_groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {rule["alert"]: rule for group in rule_groups for rule in group["rules"]}
 
 
-def dashboard_exprs(chart: Any) -> list[str]:
-    """Every query of the chart's dashboard: panels' targets and template variables."""
-    values = {"metrics": {"grafanaDashboard": {"enabled": True}}}
-    configmap = render(chart, values).one("ConfigMap", "relay-vercel-event-consumer-dashboard")
+DASHBOARD_VALUES = merged_values({"metrics": {"grafanaDashboard": {"enabled": True}}}, OUTBOX)
+OUTBOX_VARIABLE = "outbox_job"  # the dashboard variable that picks the relay's scrape job
+
+
+def dashboard_exprs(chart: Any) -> tuple[list[str], list[str]]:
+    """Every query of the chart's dashboard with the outbox row on (panels' targets and
+    template variables), as (the worker's, the outbox relay's): the relay's are those on its
+    job variable, and that variable's own query."""
+    configmap = render(chart, DASHBOARD_VALUES).one(
+        "ConfigMap", "relay-vercel-event-consumer-dashboard"
+    )
     dashboard = json.loads(configmap["data"]["vercel-event-consumer.json"])
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    worker: list[str] = []
+    outbox: list[str] = []
+    for expr in (t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])):
+        (outbox if f"${OUTBOX_VARIABLE}" in expr else worker).append(expr)
     for variable in dashboard["templating"]["list"]:
         query = variable.get("query")
         if isinstance(query, dict):  # label_values(<selector>, <label>): the selector is PromQL
-            exprs.append(re.fullmatch(r"label_values\((.*), *\w+\)", query["query"])[1])  # type: ignore[index]
-    return exprs
+            selector = re.fullmatch(r"label_values\((.*), *\w+\)", query["query"])[1]  # type: ignore[index]
+            (outbox if variable["name"] == OUTBOX_VARIABLE else worker).append(selector)
+    return worker, outbox
 
 
 def as_promql(grafana_expr: str) -> str:
@@ -98,6 +109,7 @@ def as_promql(grafana_expr: str) -> str:
     return (
         grafana_expr.replace("$__rate_interval", "1m")
         .replace("$namespace", NAMESPACE)
+        .replace(f"${OUTBOX_VARIABLE}", OUTBOX_JOB["job"])
         .replace("$job", JOB["job"])
     )
 
@@ -397,9 +409,13 @@ def test_metric_names_are_found_in_expressions() -> None:
 
 
 def test_dashboard_queries_parse(chart: Any, tmp_path: Path) -> None:
-    """Each dashboard query, its Grafana variables filled in, is valid PromQL to promtool."""
-    exprs = dashboard_exprs(chart)
-    assert len(exprs) >= 15
+    """Each dashboard query, the outbox row's too, its Grafana variables filled in, is valid
+    PromQL to promtool."""
+    worker, outbox = dashboard_exprs(chart)
+    assert len(worker) >= 15
+    assert len(outbox) >= 6
+    exprs = worker + outbox
+    assert not [expr for expr in map(as_promql, exprs) if "$" in expr], "a variable left over"
     rules = [
         {"record": f"dashboard:query_{n}", "expr": as_promql(expr)} for n, expr in enumerate(exprs)
     ]
@@ -410,21 +426,41 @@ def test_dashboard_queries_parse(chart: Any, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dashboard_has_the_rows_operators_look_for(chart: Any) -> None:
-    """Throughput by outcome, Vercel latency, queue depths, circuit and rate limits, process;
-    and the label the Grafana sidecar picks ConfigMaps up by."""
-    values = {"metrics": {"grafanaDashboard": {"enabled": True}}}
+WORKER_ROWS = [
+    "Throughput by outcome",
+    "Vercel latency",
+    "Queue depths",
+    "Circuit and rate limits",
+    "Process",
+]
+
+
+@pytest.mark.parametrize("outbox", [False, True], ids=["worker", "with-outbox"])
+def test_dashboard_has_the_rows_operators_look_for(chart: Any, outbox: bool) -> None:
+    """Throughput by outcome, Vercel latency, queue depths, circuit and rate limits, process,
+    and with outbox.enabled the outbox relay (backlog, oldest unsent age, published/s,
+    failures, publish latency); and the label the Grafana sidecar picks ConfigMaps up by."""
+    values = DASHBOARD_VALUES if outbox else {"metrics": {"grafanaDashboard": {"enabled": True}}}
     configmap = render(chart, values).one("ConfigMap", "relay-vercel-event-consumer-dashboard")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(configmap["data"]["vercel-event-consumer.json"])
     rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
-    assert rows == [
-        "Throughput by outcome",
-        "Vercel latency",
-        "Queue depths",
-        "Circuit and rate limits",
-        "Process",
-    ]
+    assert rows == WORKER_ROWS + (["Outbox relay"] if outbox else [])
+    relay_metrics = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in metric_names(target["expr"])
+        if name.startswith("vercel_consumer_outbox_")
+    }
+    expected = {
+        "vercel_consumer_outbox_backlog",
+        "vercel_consumer_outbox_oldest_unsent_age_seconds",
+        "vercel_consumer_outbox_published_total",
+        "vercel_consumer_outbox_publish_failures_total",
+        "vercel_consumer_outbox_publish_latency_seconds_bucket",
+    }
+    assert relay_metrics >= expected if outbox else relay_metrics == set()
 
 
 IDENTIFIER = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()")
@@ -459,16 +495,19 @@ def used_names(exprs: list[str]) -> dict[str, set[str]]:
     return used
 
 
-def test_every_metric_in_the_outbox_alerts_is_exported_by_the_relay(
-    rules: dict[str, dict[str, Any]],
+def test_every_metric_in_the_outbox_alerts_and_dashboard_row_is_exported_by_the_relay(
+    chart: Any, rules: dict[str, dict[str, Any]]
 ) -> None:
-    """The outbox relay's alerts (those scoped to its job) use only names the relay exports:
-    its metrics are not the worker's, and a renamed one would silently blind the alert."""
+    """The outbox relay's alerts (those scoped to its job) and its dashboard row (the queries
+    on its job variable) use only names the relay exports: its metrics are not the worker's,
+    and a renamed one would silently blind the alert or the panel."""
     outbox_exprs = [rule["expr"] for rule in rules.values() if OUTBOX_JOB["job"] in rule["expr"]]
     assert len(outbox_exprs) == 4
+    _, dashboard = dashboard_exprs(chart)
+    assert len(dashboard) >= 6
     exported = outbox_relay_exports()
     assert "vercel_consumer_outbox_publish_failures_total" in exported  # the parse works
-    used = used_names(outbox_exprs)
+    used = used_names(outbox_exprs + dashboard)
     missing = {name: sorted(exprs)[0] for name, exprs in used.items() if name not in exported}
     assert missing == {}, "used but not exported"
 
@@ -494,6 +533,7 @@ async def test_every_metric_in_rules_and_dashboard_is_exported(
     exported = {name for name, _ in await scrape(health.url)}
     worker_exprs = [r["expr"] for r in rules.values() if OUTBOX_JOB["job"] not in r["expr"]]
     assert len(worker_exprs) == 9
-    used = used_names(worker_exprs + dashboard_exprs(chart))
+    worker_dashboard, _ = dashboard_exprs(chart)
+    used = used_names(worker_exprs + worker_dashboard)
     missing = {name: sorted(exprs)[0] for name, exprs in used.items() if name not in exported}
     assert missing == {}, "used but not exported"

@@ -331,7 +331,7 @@ def test_strict_validation_catches_a_misplaced_field(chart: helm.Chart) -> None:
     rule["spec"]["groups"][0]["rules"][0]["severity"] = "warning"  # belongs under labels
     with pytest.raises(jsonschema.ValidationError):
         validate_object(rule)
-    policy = copy.deepcopy(rendered.one("NetworkPolicy"))
+    policy = copy.deepcopy(rendered.one("NetworkPolicy", FULLNAME))
     policy["spec"]["egress"][0]["port"] = 53  # belongs under ports
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_object(policy)
@@ -353,7 +353,7 @@ def test_defaults_render_the_worker_and_what_it_needs(chart: helm.Chart) -> None
 
 def test_all_on_adds_autoscaling_monitoring_and_the_replay_job(chart: helm.Chart) -> None:
     """Every optional feature on: KEDA's objects, a ServiceMonitor, the alerts, the dashboard
-    and the DLQ replay Job too."""
+    and the DLQ replay Job too, with a NetworkPolicy of its own."""
     names = render(chart, ALL_ON).kinds_and_names()
     job_names = [name for kind, name in names if kind == "Job"]
     assert len(job_names) == 1
@@ -363,6 +363,7 @@ def test_all_on_adds_autoscaling_monitoring_and_the_replay_job(chart: helm.Chart
         ("ConfigMap", f"{FULLNAME}-dashboard"),
         ("Deployment", FULLNAME),
         ("NetworkPolicy", FULLNAME),
+        ("NetworkPolicy", f"{FULLNAME}-dlq-replay"),
         ("PodDisruptionBudget", FULLNAME),
         ("PrometheusRule", FULLNAME),
         ("ScaledObject", FULLNAME),
@@ -781,6 +782,13 @@ BAD_VALUES = {
         "metrics": {"prometheusRule": {"thresholds": {"brokerBlockedFor": "5"}}}
     },
     "non-postgres outbox DSN": {"outbox": {"dsn": "mysql://u:p@db/app"}},
+    "unknown outbox eviction policy": {
+        "outbox": {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Never"}}
+    },
+    "outbox budget percentage without %": {
+        "outbox": {"podDisruptionBudget": {"minAvailable": "50"}}
+    },
+    "unknown outbox budget key": {"outbox": {"podDisruptionBudget": {"maxUnavailabe": 1}}},
     "zero outbox batch": {"outbox": {"batchSize": 0}},
 }
 
@@ -932,7 +940,7 @@ def test_network_policy_admits_only_the_health_port_and_the_needed_egress(
     """Ingress only to the named health port, from the configured peers; egress only to DNS
     (UDP and TCP), the broker's ports, HTTPS to Vercel's addresses, and the extra rules."""
     rendered = render(chart, ALL_ON)
-    policy = rendered.one("NetworkPolicy")["spec"]
+    policy = rendered.one("NetworkPolicy", FULLNAME)["spec"]
     pod_labels = rendered.one("Deployment")["spec"]["template"]["metadata"]["labels"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
     job_labels = rendered.one("Job")["spec"]["template"]["metadata"]["labels"]
@@ -1033,6 +1041,49 @@ def test_dashboard_configmap_goes_where_the_sidecar_looks(chart: helm.Chart) -> 
     assert dashboard["uid"] == "vercel-event-consumer"
 
 
+def test_dashboard_has_the_outbox_row_only_with_the_outbox(chart: helm.Chart) -> None:
+    """Without outbox.enabled the dashboard is the file as it is. With it, the "Outbox relay"
+    row and its panels come last, below every worker panel and overlapping none, with ids of
+    their own, and every query of theirs selects the relay's job through `$outbox_job`, a
+    variable listing the jobs that export the relay's metrics."""
+    worker_only = render(chart, ALL_ON).one("ConfigMap", f"{FULLNAME}-dashboard")
+    shipped = (CHART / "dashboards" / "vercel-event-consumer.json").read_text()
+    assert worker_only["data"]["vercel-event-consumer.json"] == shipped.rstrip("\n")
+    assert "outbox" not in shipped
+    configmap = render(chart, merged(ALL_ON, OUTBOX)).one("ConfigMap", f"{FULLNAME}-dashboard")
+    dashboard = json.loads(configmap["data"]["vercel-event-consumer.json"])
+    worker = json.loads(shipped)
+    assert {k: v for k, v in dashboard.items() if k not in {"panels", "templating"}} == {
+        k: v for k, v in worker.items() if k not in {"panels", "templating"}
+    }
+    panels = dashboard["panels"]
+    assert panels[: len(worker["panels"])] == worker["panels"]
+    outbox = panels[len(worker["panels"]) :]
+    assert [p["title"] for p in outbox if p["type"] == "row"] == ["Outbox relay"]
+    assert outbox[0]["type"] == "row"
+    assert len({p["id"] for p in panels}) == len(panels)
+    bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in worker["panels"])
+    assert min(p["gridPos"]["y"] for p in outbox) == bottom
+
+    def cells(panel: dict[str, Any]) -> set[tuple[int, int]]:
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24
+        return {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
+
+    taken: set[tuple[int, int]] = set()
+    for panel in panels:
+        assert not cells(panel) & taken, f"{panel['title']} overlaps another panel"
+        taken |= cells(panel)
+    targets = [t["expr"] for p in outbox for t in p.get("targets", [])]
+    assert len(targets) >= 5
+    assert all('job="$outbox_job"' in expr for expr in targets)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables) == [v["name"] for v in worker["templating"]["list"]] + ["outbox_job"]
+    assert "vercel_consumer_outbox_" in variables["outbox_job"]["query"]["query"]
+
+
 # ── what people read ─────────────────────────────────────────────────────────────────────────
 
 
@@ -1055,6 +1106,7 @@ def test_notes_say_what_was_installed_and_how_to_watch_it(chart: helm.Chart) -> 
     assert f"Deployment/{FULLNAME}-outbox, 2 replicas" in outbox
     assert f"Service/{FULLNAME}-outbox-metrics" in outbox
     assert f"ServiceMonitor/{FULLNAME}-outbox" in outbox
+    assert f"PodDisruptionBudget/{FULLNAME}-outbox" in outbox
 
 
 # Values documented as one Kubernetes object rather than key by key.
@@ -1262,3 +1314,88 @@ def test_outbox_network_policy_validates_strictly(chart: helm.Chart) -> None:
     broken["spec"]["egress"][2]["port"] = 5432  # belongs under ports
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_object(broken)
+
+
+def test_outbox_relay_has_a_disruption_budget_of_its_own(chart: helm.Chart) -> None:
+    """outbox.enabled adds a PodDisruptionBudget that selects exactly the relay's pods (the
+    worker's selects only the workers), with the worker's defaults: one relay down at a time,
+    not-ready relays evictable; minAvailable wins when set; it can be switched off."""
+    rendered = render(chart, merged(ALL_ON, OUTBOX))
+    budget = rendered.one("PodDisruptionBudget", f"{FULLNAME}-outbox")
+    relay = rendered.one("Deployment", f"{FULLNAME}-outbox")
+    assert budget["spec"]["selector"] == relay["spec"]["selector"]
+    worker_labels = rendered.one("Deployment", FULLNAME)["spec"]["template"]["metadata"]["labels"]
+    assert not budget["spec"]["selector"]["matchLabels"].items() <= worker_labels.items()
+    defaults = render(chart, OUTBOX).one("PodDisruptionBudget", f"{FULLNAME}-outbox")["spec"]
+    assert defaults["maxUnavailable"] == 1
+    assert "minAvailable" not in defaults
+    assert defaults["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    pinned = {"outbox": {"podDisruptionBudget": {"minAvailable": "50%"}}}
+    spec = render(chart, merged(OUTBOX, pinned)).one("PodDisruptionBudget", f"{FULLNAME}-outbox")
+    assert (spec["spec"]["minAvailable"], "maxUnavailable" in spec["spec"]) == ("50%", False)
+    off = {"outbox": {"podDisruptionBudget": {"enabled": False}}}
+    assert render(chart, merged(OUTBOX, off)).all("PodDisruptionBudget") == [
+        render(chart).one("PodDisruptionBudget", FULLNAME)
+    ]
+    assert [b["metadata"]["name"] for b in render(chart, ALL_ON).all("PodDisruptionBudget")] == [
+        FULLNAME
+    ]
+
+
+def test_dlq_replay_network_policy_admits_nothing_in_and_only_dns_and_the_broker_out(
+    chart: helm.Chart,
+) -> None:
+    """With the replay Job on, its pod gets a policy of its own: no ingress rule at all, and
+    egress to the worker's DNS and broker peers and ports only: no HTTPS, no PostgreSQL, not
+    the extra rules. It selects the Job's pod alone, and neither the worker's nor the relay's
+    policy selects that pod."""
+    rendered = render(chart, merged(ALL_ON, OUTBOX))
+    policy = rendered.one("NetworkPolicy", f"{FULLNAME}-dlq-replay")["spec"]
+    job_labels = rendered.one("Job")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= job_labels.items()
+    for name in (FULLNAME, f"{FULLNAME}-outbox"):
+        labels = rendered.one("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert not policy["podSelector"]["matchLabels"].items() <= labels.items(), name
+        other = rendered.one("NetworkPolicy", name)["spec"]["podSelector"]["matchLabels"]
+        assert not other.items() <= job_labels.items(), name
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in policy  # Ingress listed with no rule: nothing may connect
+    worker_dns, worker_broker, *_ = rendered.one("NetworkPolicy", FULLNAME)["spec"]["egress"]
+    assert policy["egress"] == [worker_dns, worker_broker]
+    assert worker_broker["to"] == ALL_ON["networkPolicy"]["egress"]["broker"]["to"]
+    ports = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
+    assert ports == {53, 5671}
+    assert validate_object(rendered.one("NetworkPolicy", f"{FULLNAME}-dlq-replay")).endswith(
+        "networking.k8s.io/v1/NetworkPolicy"
+    )
+
+
+def test_dlq_replay_network_policy_follows_both_switches(chart: helm.Chart) -> None:
+    """No replay policy without the Job or without networkPolicy.enabled; by default it
+    reaches the broker on 5672/5671 at any address."""
+    job = {"dlqReplay": {"enabled": True}}
+    policy = render(chart, job).one("NetworkPolicy", f"{FULLNAME}-dlq-replay")["spec"]
+    _, broker = policy["egress"]
+    assert broker == {
+        "ports": [{"port": 5672, "protocol": "TCP"}, {"port": 5671, "protocol": "TCP"}]
+    }
+    assert ("NetworkPolicy", f"{FULLNAME}-dlq-replay") not in render(chart).kinds_and_names()
+    disabled = merged(job, {"networkPolicy": {"enabled": False}})
+    assert render(chart, disabled).all("NetworkPolicy") == []
+
+
+def test_new_objects_validate_strictly_and_a_misplaced_field_fails(chart: helm.Chart) -> None:
+    """The relay's budget and the replay Job's policy pass Kubernetes' strict schemas, and a
+    field in the wrong place in either fails."""
+    rendered = render(chart, merged(ALL_ON, OUTBOX))
+    budget = rendered.one("PodDisruptionBudget", f"{FULLNAME}-outbox")
+    policy = rendered.one("NetworkPolicy", f"{FULLNAME}-dlq-replay")
+    assert validate_object(budget).endswith("policy/v1/PodDisruptionBudget")
+    assert validate_object(policy).endswith("networking.k8s.io/v1/NetworkPolicy")
+    broken_budget = copy.deepcopy(budget)
+    broken_budget["spec"]["matchLabels"] = broken_budget["spec"]["selector"].pop("matchLabels")
+    broken_policy = copy.deepcopy(policy)
+    broken_policy["spec"]["egress"][1]["port"] = 5671  # belongs under ports
+    for broken in (broken_budget, broken_policy):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            validate_object(broken)

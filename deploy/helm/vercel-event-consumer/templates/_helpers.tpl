@@ -46,6 +46,12 @@ app.kubernetes.io/component: worker
 app.kubernetes.io/component: outbox-relay
 {{- end }}
 
+{{/* The DLQ replay Job's pod: selector labels plus its component. */}}
+{{- define "vec.dlqReplaySelectorLabels" -}}
+{{ include "vec.selectorLabels" . }}
+app.kubernetes.io/component: dlq-replay
+{{- end }}
+
 {{/* The endpoint both ServiceMonitors scrape (the worker's and the outbox relay's): the
 metrics Service's port, with the scrape settings of metrics.serviceMonitor. */}}
 {{- define "vec.serviceMonitorEndpoints" -}}

@@ -399,9 +399,14 @@ def targets(results: Sequence[Result], options: argparse.Namespace) -> list[Targ
             name += f" (http alone did {http.rate:.0f})"
         found.append(Target(name, goal, relay.rate, relay.rate >= goal))
     if relay is not None and relay.paced_latency is not None:
+        # Issue 14's target is the relay's own share: the simulator's latency is added to every
+        # delivery, so the goal moves by it (at 0 ms it is the plain 10 ms).
+        goal = 10.0 + options.latency_ms
         p99 = relay.paced_latency.p99_ms
-        name = f"paced p99 at {options.paced_share:.0%} of the relay's rate <= 10 ms"
-        found.append(Target(name, 10.0, p99, p99 <= 10.0, "ms"))
+        name = f"paced p99 at {options.paced_share:.0%} of the relay's rate <= {goal:g} ms"
+        if options.latency_ms:
+            name += f" (10 ms + the simulator's {options.latency_ms:g} ms)"
+        found.append(Target(name, goal, p99, p99 <= goal, "ms"))
     for result in results:
         if result.key.startswith("relay"):
             rss = result.peak_rss_mb

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -31,6 +32,23 @@ SCHEMA_ID = "https://vercel-event-consumer.local/schemas/event.v1.schema.json"
 # A verb is one or more dot-separated words: resource.renamed, resource.status.changed.
 _VERB = r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*"
 _Id = Annotated[str, Field(min_length=1, max_length=256)]
+# The event id travels as the AMQP message_id, a short string of at most 255 bytes: a longer one
+# (256 ASCII characters, or 86 CJK ones) cannot be published at all, and the client library
+# raised TypeError from inside a publish (found by the hostile-identity property test).
+MESSAGE_ID_MAX_BYTES = 255
+
+
+def _fits_message_id(value: str) -> str:
+    if len(value.encode("utf-8", "surrogatepass")) > MESSAGE_ID_MAX_BYTES:
+        raise ValueError(
+            f"must be at most {MESSAGE_ID_MAX_BYTES} bytes in UTF-8 (it is the AMQP message_id)"
+        )
+    return value
+
+
+_EventId = Annotated[
+    str, Field(min_length=1, max_length=MESSAGE_ID_MAX_BYTES), AfterValidator(_fits_message_id)
+]
 # Vercel's installation ids look like `icfg_…`; the id becomes one URL path segment and a token
 # file's name, so only characters that are the same in both, and never `.` or `..`, are allowed.
 INSTALLATION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
@@ -40,7 +58,9 @@ _InstallationId = Annotated[str, Field(pattern=INSTALLATION_ID_PATTERN)]
 class _EventBase(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
-    id: _Id = Field(description="Unique per event; also the AMQP message_id.")
+    id: _EventId = Field(
+        description="Unique per event; also the AMQP message_id, so at most 255 bytes in UTF-8."
+    )
     occurred_at: AwareDatetime = Field(description="RFC 3339 timestamp with an offset.")
     installation_id: _InstallationId = Field(
         description="Vercel's integrationConfigurationId, such as icfg_3kX9a: ASCII letters,"

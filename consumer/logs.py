@@ -49,7 +49,11 @@ def configure_logging(
     renderer: Any
     factory: Any
     if log_format == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        # Every string value quoted with repr(): structlog quotes only those holding a space,
+        # '=', a quote or a line break, so an event id with ESC (a terminal escape sequence),
+        # another C0/C1 control or U+2028 reached the operator's terminal raw (found by the
+        # hostile-identity property test in tests/test_translate.py).
+        renderer = structlog.dev.ConsoleRenderer(colors=False, repr_native_str=True)
         factory = structlog.PrintLoggerFactory(cast(TextIO, stream or sys.stdout))
     else:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)

@@ -2,10 +2,12 @@
 
 The simulator's faults answer with any status from 100 to 599, redirects, any `Retry-After` and
 `X-RateLimit-*` values (numbers, dates, garbage, huge, non-ASCII digits), slow answers, bodies
-cut short, dropped connections and bytes that are not HTTP. The invariant, for every event:
-it is delivered only after a 2xx from the Create Event URL itself, or else it is dead-lettered
-with a reason (a retry ends in one of the two); the worker keeps consuming, and `in_flight`
-returns to 0.
+trickling after the status line, bodies cut short, dropped connections and bytes that are not
+HTTP. The invariant, for every event: it is delivered only after a 2xx from the Create Event
+URL itself, or else it is dead-lettered with a reason (a retry ends in one of the two); the
+worker keeps consuming, and `in_flight` returns to 0. Hostile identities (event, resource and
+product ids with delimiters, control characters, Unicode, maximum lengths) reach Create Event
+exactly, or are refused by the contract.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from consumer.errors import Reason
+from consumer.errors import ContractError, PublishBatchError, Reason
 from consumer.publish.publisher import EventPublisher
 from consumer.testing.vercel_sim import Fault, VercelSimulator
 from tests.helpers import drain_queue, event, wait_for_dead_letters, wait_until
@@ -34,7 +36,8 @@ DEAD_REASONS = {reason.value for reason in Reason}
 def logged(relay: Any, outcome: str) -> list[str]:
     """The event ids of the relay's log lines for `outcome` (delivered, retried, ...)."""
     ids = []
-    for line in relay.log_text().splitlines():
+    # split("\n"), not splitlines(): an id's raw U+2028 or U+0085 is valid inside a JSON line
+    for line in filter(None, relay.log_text().split("\n")):
         record = orjson.loads(line)
         if record.get("event") == outcome:
             ids.append(str(record.get("event_id")))
@@ -147,6 +150,109 @@ async def test_a_broken_token_file_is_dead_lettered_never_sent_the_fallback(
     assert sim.requests == 0
 
 
+# ── hostile identities, end to end ───────────────────────────────────────────────────────────
+
+# Event ids up to the 255 bytes of an AMQP message_id, with path delimiters, percent signs,
+# control characters (C0, DEL, C1, U+2028), bidi overrides and non-ASCII.
+HOSTILE_EVENT_IDS = [
+    "\x1b[2J\n\x00\r",
+    "../../v2/x?y=1#z",
+    "%2e%2e/%2F",
+    "\u202e\u2028\x85\x7f\x9b",
+    "中" * 85,  # 255 bytes
+    "é" * 127 + "a",  # 255 bytes
+    "a" * 255,
+]
+
+
+async def test_hostile_ids_reach_create_event_exactly_and_log_one_line_each(
+    start_relay: Any, sim: VercelSimulator, publisher: EventPublisher
+) -> None:
+    """Valid events whose event, resource and product ids hold delimiters, control characters,
+    Unicode and maximum lengths: each is delivered once, to its installation's one-segment
+    path, its body carrying exactly its resource and product ids; the worker's JSON log stays
+    one record per line and names each event id exactly."""
+    relay = await start_relay()
+    wanted = {}
+    for n, hostile in enumerate(HOSTILE_EVENT_IDS):
+        resource_id = (hostile + str(n))[-256:]  # distinct: never coalesced
+        wanted[resource_id] = hostile
+        await publisher.publish(event(id=hostile, resource_id=resource_id, product_id=hostile))
+    await wait_until(lambda: len(sim.accepted) >= len(wanted), timeout=30)
+    await wait_until(lambda: relay.worker.in_flight == 0)
+    assert sorted(entry.event["resourceId"] for entry in sim.accepted) == sorted(wanted)
+    for entry in sim.accepted:
+        assert entry.installation_id == "icfg_alpha"
+        assert entry.event["productId"] == wanted[entry.event["resourceId"]]
+    log = relay.logs.getvalue()
+    assert not any(byte < 0x20 for byte in log.replace(b"\n", b""))
+    assert sorted(logged(relay, "delivered")) == sorted(HOSTILE_EVENT_IDS)
+
+
+@pytest.mark.parametrize("event_id", ["a" * 256, "中" * 86, "é" * 128])
+async def test_an_id_longer_than_a_message_id_is_a_contract_error_even_unvalidated(
+    start_relay: Any, publisher: EventPublisher, event_id: str
+) -> None:
+    """An event id over 255 bytes in UTF-8 cannot be an AMQP message_id: the contract refuses
+    it, and the publisher refuses it even with validate=False (aiormq raised TypeError from
+    inside the publish, which escaped publish_many and wedged the outbox relay on the row)."""
+    await start_relay()  # its queue makes the valid event of the batch routable
+    with pytest.raises(ContractError, match="at most 255"):
+        await publisher.publish(event(id=event_id))
+    with pytest.raises(ContractError, match="at most 255"):
+        await publisher.publish(event(id=event_id), validate=False)
+    ok = event()
+    with pytest.raises(PublishBatchError) as batch:
+        await publisher.publish_many([event(id=event_id), ok], validate=False)
+    assert batch.value.confirmed == [ok["id"]]
+    [(failed_id, error)] = batch.value.failures
+    assert failed_id == event_id
+    assert isinstance(error, ContractError)
+
+
+# ── a body that trickles after the status line ───────────────────────────────────────────────
+
+
+async def test_a_2xx_whose_body_trickles_past_the_timeout_is_delivered_once(
+    start_relay: Any, sim: VercelSimulator, publisher: EventPublisher
+) -> None:
+    """A 201 whose status line and headers come at once and whose body then takes 4 s, twice
+    CONSUMER_HTTP_TIMEOUT: Vercel created the event when it said 201, so it is delivered, not
+    retried (a retry would create it twice); the slot is freed and the next event goes through."""
+    relay = await start_relay(http_timeout=2.0)
+    sim.add_fault(Fault(status=201, body=b'{"ok": true, "pad": "......"}', trickle=0.15, times=1))
+    slow, after = event(), event()
+    await publisher.publish(slow)
+    await wait_until(lambda: slow["id"] in logged(relay, "delivered"), timeout=20)
+    await publisher.publish(after)
+    await wait_until(lambda: len(sim.accepted) == 1, timeout=20)
+    assert [refused.status for refused in sim.refused] == [201]
+    assert sim.accepted[0].event["resourceId"] == after["resource_id"]
+    assert logged(relay, "retried") == []
+    assert sorted(logged(relay, "delivered")) == sorted([slow["id"], after["id"]])
+    await wait_until(lambda: relay.worker.in_flight == 0)
+    assert relay.worker.consuming
+
+
+@pytest.mark.parametrize("trickle", [0.01, 0.15], ids=["within-timeout", "past-timeout"])
+async def test_a_5xx_whose_body_trickles_is_retried_then_delivered(
+    start_relay: Any, sim: VercelSimulator, publisher: EventPublisher, trickle: float
+) -> None:
+    """A 503 whose body trickles in (all of it within CONSUMER_HTTP_TIMEOUT, or not): never
+    delivered on it; retried, then delivered once Create Event itself answers 201."""
+    relay = await start_relay(http_timeout=2.0)
+    sim.add_fault(Fault(status=503, trickle=trickle, times=1))
+    body = event()
+    await publisher.publish(body)
+    await wait_until(lambda: body["id"] in logged(relay, "delivered"), timeout=20)
+    assert [refused.status for refused in sim.refused] == [503]
+    assert [entry.event["resourceId"] for entry in sim.accepted] == [body["resource_id"]]
+    assert logged(relay, "retried") == [body["id"]]
+    assert logged(relay, "delivered") == [body["id"]]
+    await wait_until(lambda: relay.worker.in_flight == 0)
+    assert relay.worker.consuming
+
+
 # ── a hostile Vercel, generated ──────────────────────────────────────────────────────────────
 
 HEADER_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=30)
@@ -193,6 +299,11 @@ ANSWERS: st.SearchStrategy[Callable[[str], Fault]] = st.one_of(
     st.just(lambda _: Fault(garbage=True, times=1)),
     STATUSES.map(lambda status: lambda _: Fault(status=status, truncate=True, times=1)),
     st.floats(0.0, 1.5).map(lambda seconds: lambda _: Fault(latency=seconds, times=1)),
+    st.builds(
+        lambda status, every: lambda _: Fault(status=status, trickle=every, times=1),
+        st.sampled_from([200, 201, 202, 400, 404, 429, 500, 503]),
+        st.floats(0.005, 0.05),  # Vercel's error shape, ~80 bytes: 0.4 to 4 s
+    ),
 )
 
 
@@ -211,6 +322,8 @@ async def relay(start_relay: Any) -> Any:
 @example(answers=[_answer(302, {}, "/_sim/stats", None)])  # a GET there answers 200
 @example(answers=[_answer(429, {"Retry-After": "9" * 309}, "", None)])
 @example(answers=[_answer(201, {"X-RateLimit-Remaining": "²", "X-RateLimit-Reset": "1"}, "", b"")])
+@example(answers=[lambda _: Fault(status=201, trickle=0.03, times=1)])  # body past the timeout
+@example(answers=[lambda _: Fault(status=503, trickle=0.03, times=1)])
 @given(answers=st.lists(ANSWERS, min_size=1, max_size=5))
 async def test_whatever_vercel_answers_each_event_ends_delivered_only_after_a_2xx(
     relay: Any,

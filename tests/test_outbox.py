@@ -345,6 +345,33 @@ async def test_an_invalid_row_is_dead_lettered_and_the_rows_behind_it_go_on(
     assert await outbox_ids(outbox_dsn, "sent_at IS NULL") == []
 
 
+async def test_a_row_whose_id_cannot_be_a_message_id_is_dead_lettered_without_one(
+    outbox_dsn: str, names: dict[str, str], audit: AbstractQueue, channel: AbstractChannel
+) -> None:
+    """A row written by the plain SQL INSERT (no contract check) whose event id has 256
+    characters, more than an AMQP message_id holds: dead-lettered as invalid_message, with the
+    id in its body but not as its message_id, and the rows behind it go on (its publish raised
+    TypeError, and the relay retried that batch for good; found by the hostile-identity tests)."""
+    from consumer.outbox.schema import INSERT_PSYCOPG
+
+    rows = [event(), event(id="a" * 256), event()]
+    async with await psycopg.AsyncConnection.connect(outbox_dsn) as connection:
+        for body in rows:
+            await connection.execute(INSERT_PSYCOPG, (json.dumps(body),))
+        await connection.commit()
+    async with running_relay(outbox_dsn, names) as relay:
+        published = await drain(audit, 2)
+        dlq = await channel.get_queue(f"{names['queue']}.dlq")
+        dead = await drain(dlq, 1)
+        await wait_until(lambda: relay.metrics.dead_lettered._value.get() == 1)
+    assert [m.message_id for m in published] == [rows[0]["id"], rows[2]["id"]]
+    assert dead[0].message_id != rows[1]["id"]  # aio-pika gives it one of its own
+    assert json.loads(dead[0].body)["id"] == rows[1]["id"]
+    assert dead[0].headers["dead-letter-reason"] == "invalid_message"
+    assert "255" in str(dead[0].headers["dead-letter-detail"])
+    assert await outbox_ids(outbox_dsn, "sent_at IS NULL") == []
+
+
 async def test_with_the_broker_down_rows_stay_unsent_and_go_once_it_is_back(
     outbox_dsn: str, names: dict[str, str], audit: AbstractQueue, free_port: int
 ) -> None:

@@ -87,9 +87,12 @@ async def serve_relay(settings: Settings, dsn: str) -> None:
         try:
             await health.start(settings.health_host, settings.health_port)
         except OSError as exc:
+            # Named as `run` names them: the message said neither variable (found by the
+            # hostile-configuration test, which now drives `outbox relay` too).
             raise ConfigError(
                 f"cannot serve the health endpoint on {settings.health_host}:"
-                f"{settings.health_port}: {exc.strerror}"
+                f"{settings.health_port} (CONSUMER_HEALTH_HOST, CONSUMER_HEALTH_PORT):"
+                f" {exc.strerror}"
             ) from None
     try:
         await relay.run(stop)
@@ -98,11 +101,17 @@ async def serve_relay(settings: Settings, dsn: str) -> None:
 
 
 def _dsn(args: argparse.Namespace, settings: Settings) -> str:
+    """The DSN to use, checked (exit 2 naming where it came from, never quoting it)."""
     if args.dsn:
-        return str(args.dsn)
-    if settings.outbox_dsn is None:
+        dsn, source = str(args.dsn), "--dsn"
+    elif settings.outbox_dsn is None:
         raise ConfigError("give --dsn or set CONSUMER_OUTBOX_DSN")
-    return settings.outbox_dsn.get_secret_value()
+    else:
+        dsn, source = settings.outbox_dsn.get_secret_value(), "CONSUMER_OUTBOX_DSN"
+    problem = _store().dsn_problem(dsn)
+    if problem is not None:
+        raise ConfigError(f"{source} {problem}")
+    return dsn
 
 
 def _store() -> Any:

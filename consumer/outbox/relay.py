@@ -34,7 +34,7 @@ from aio_pika.abc import AbstractConnection
 from structlog.typing import FilteringBoundLogger
 
 import consumer.outbox.store as store
-from consumer.contract import parse_event
+from consumer.contract import MESSAGE_ID_MAX_BYTES, parse_event
 from consumer.deadletter import rfc3339, truncate_utf8
 from consumer.errors import BrokerError, ContractError, DatabaseError, Reason
 from consumer.headers import DEAD_LETTERED_AT, DETAIL, REASON
@@ -83,6 +83,11 @@ class _Broker:
 
     async def dead_letter(self, row: OutboxRow, queue: str, why: str) -> None:
         """Put the row's body in the DLQ as the worker would: reason, detail, when."""
+        # An id too long for the AMQP message_id (a row written without the contract's check)
+        # is why the row is here: kept in the body and the table, left off the message (aio-pika
+        # gives it a random one), or the publish raised TypeError and the relay retried this
+        # row for good.
+        fits = len(row.id.encode("utf-8", "surrogatepass")) <= MESSAGE_ID_MAX_BYTES
         message = aio_pika.Message(
             row.body,
             headers={
@@ -93,7 +98,7 @@ class _Broker:
             },
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=row.id,
+            message_id=row.id if fits else None,
         )
         with broker_errors(f"dead-lettering outbox row {row.seq} to {queue}"):
             channel = await open_channel(self.connection)

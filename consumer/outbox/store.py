@@ -57,6 +57,34 @@ def database_errors(action: str) -> Iterator[None]:
         raise DatabaseError(f"{action} failed: {exc}") from exc
 
 
+def dsn_problem(dsn: str) -> str | None:
+    """Why libpq can never use `dsn`, in words that quote none of it; None when it parses.
+
+    Checked once at start-up: psycopg's own parse errors quote the DSN, password and all
+    (`invalid percent-encoded token: "s3%zzcret"`, `missing "=" after "cret"`, the whole URI
+    for an unclosed `[`), and the relay logged them on every failed connection. A raw `/`, `?`,
+    `#` or `@` in a URL's password moves its boundaries as in an AMQP URL (the password became
+    the port, or the host name in a resolver error), so it is refused before libpq sees it."""
+    is_uri = dsn.startswith(("postgresql://", "postgres://"))  # libpq's two URI prefixes
+    start, end = dsn.find("://") + 3, dsn.rfind("@")  # the user information lies between
+    if is_uri and end > start and any(char in dsn[start:end] for char in "/?#@"):
+        return (
+            "holds a raw '/', '?', '#' or '@' in its user name or password: percent-encode it"
+            " (e.g. / as %2F)"
+        )
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return (
+            "is neither a postgresql:// URL nor a libpq key=value string (libpq's message is"
+            " not shown: it would quote the password)"
+        )
+    ports = str(params.get("port") or "").split(",")
+    if not all(port == "" or (port.isascii() and port.isdigit()) for port in ports):
+        return "has a port that is not a number"
+    return None
+
+
 async def connect(dsn: str, *, autocommit: bool = False) -> Connection:
     """One connection to the outbox's database."""
     with database_errors("connecting to PostgreSQL"):

@@ -41,10 +41,11 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from consumer.contract import parse_event
+from consumer.contract import MESSAGE_ID_MAX_BYTES, parse_event
 from consumer.errors import (
     BrokerError,
     ConsumerError,
+    ContractError,
     PublishBatchError,
     PublishNotConfirmed,
     PublishTimeout,
@@ -170,6 +171,13 @@ class EventPublisher:
         content_type: str = "application/json",
     ) -> None:
         """Publish a body as it is, routed by `event_type`, and wait for its confirm."""
+        if len(event_id.encode("utf-8", "surrogatepass")) > MESSAGE_ID_MAX_BYTES:
+            # Even unvalidated: the id is the message_id, an AMQP short string, and the client
+            # raised TypeError for a longer one, which escaped publish_many (and wedged the
+            # outbox relay on that row) instead of being the event's own ContractError.
+            raise ContractError(
+                f"id: must be at most {MESSAGE_ID_MAX_BYTES} bytes in UTF-8 (the AMQP message_id)"
+            )
         async with self._slots:
             done = await self._claim(event_id)
             try:

@@ -13,7 +13,8 @@ requests, `X-RateLimit-Limit/-Remaining/-Reset` (epoch seconds) on every answer 
 429 with `Retry-After` beyond it (counted in `by_status["429"]`).
 
 Faults (`Fault`) turn it into a misbehaving Vercel: a status with an optional Retry-After and
-any other headers (a redirect's `Location`, `X-RateLimit-*`), added latency, a dropped
+any other headers (a redirect's `Location`, `X-RateLimit-*`), added latency, a body trickled
+byte by byte after the status line and headers, a dropped
 connection, or bytes that are not HTTP, for one installation or all, a number of times or until
 cleared.
 
@@ -41,6 +42,7 @@ fields refused, latency finite and at most 600 s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import secrets
@@ -87,6 +89,9 @@ class Fault:
     status: int | None = None  # answer this status instead of handling the request
     retry_after: str | None = None  # Retry-After header on the `status` answer
     latency: float = 0.0  # seconds to sleep first; alone, the request is then handled normally
+    # With `status`: the status line and headers at once, then the body one byte every
+    # `trickle` seconds (a slow body after the answer is known, where `latency` delays it all).
+    trickle: float = 0.0
     drop: bool = False  # close the connection without an answer
     garbage: bool = False  # write bytes that are not HTTP, then close
     truncate: bool = False  # answer `status` (201) promising 1000 bytes of body, send 3, close
@@ -381,6 +386,8 @@ class VercelSimulator:
         headers.update(fault.headers or {})
         self.by_status[str(fault.status)] += 1
         await self._record_refused(request, fault.status, fault, arrived_at)
+        if fault.trickle > 0:
+            return await _trickled(request, fault, headers)
         if fault.body is None:
             return _error_response(fault.status, "fault injected by the simulator", headers)
         content_type = _JSON if fault.body.lstrip()[:1] in (b"{", b"[") else "text/plain"
@@ -579,6 +586,26 @@ def _safe_headers(request: web.Request) -> dict[str, str]:
     }
 
 
+async def _trickled(
+    request: web.Request, fault: Fault, headers: dict[str, str]
+) -> web.StreamResponse:
+    """The fault's status and headers now, its body (default: Vercel's error shape) slowly."""
+    status = fault.status or 201
+    body = fault.body
+    if body is None:
+        error = {"code": _ERROR_CODES.get(status, "simulated_error"), "message": "slow"}
+        body = json.dumps({"error": error}).encode()
+    response = web.StreamResponse(status=status, headers={**headers, "Content-Type": _JSON})
+    response.content_length = len(body)
+    with contextlib.suppress(ConnectionError):  # the client gave up waiting: its right
+        await response.prepare(request)
+        for index in range(len(body)):
+            await asyncio.sleep(fault.trickle)
+            await response.write(body[index : index + 1])
+        await response.write_eof()
+    return response
+
+
 def _error_response(status: int, message: str, headers: dict[str, str]) -> web.Response:
     code = _ERROR_CODES.get(status, "simulated_error")
     return web.json_response(
@@ -628,6 +655,7 @@ class _FaultSpec(BaseModel):
     status: int | None = Field(None, ge=100, le=599)
     retry_after: str | None = Field(None, max_length=1024)
     latency: float = Field(0.0, ge=0, le=MAX_FAULT_LATENCY, allow_inf_nan=False)
+    trickle: float = Field(0.0, ge=0, le=MAX_FAULT_LATENCY, allow_inf_nan=False)
     drop: bool = False
     garbage: bool = False
     truncate: bool = False

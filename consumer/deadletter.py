@@ -108,6 +108,15 @@ def attempts_made(headers: Mapping[str, Any] | None) -> int:
     return value if isinstance(value, int) and _is_count(value) else 0
 
 
+def trusted_attempts(message: AbstractIncomingMessage) -> int:
+    """`attempts_made(trusted_headers(message, now))`, without copying the headers (or reading
+    the clock) when there is no attempt count to trust or distrust: every first delivery."""
+    headers = message.headers
+    if not headers or ATTEMPTS not in headers:
+        return 0
+    return attempts_made(trusted_headers(message, datetime.now(UTC)))
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1_000_000
 

@@ -43,9 +43,9 @@ from consumer.coalescing import CoalescedSend
 from consumer.contract import Event
 from consumer.deadletter import (
     Republisher,
-    attempts_made,
     redeliveries,
     retry_age,
+    trusted_attempts,
     trusted_headers,
 )
 from consumer.errors import (
@@ -122,7 +122,7 @@ class Handler:
             self._acker.received(message)
         fields: dict[str, Any] = {"event_id": message.message_id}
         try:
-            attempts = attempts_made(trusted_headers(message, datetime.now(UTC))) + 1
+            attempts = trusted_attempts(message) + 1
             with self._tracer.delivery(message, attempts):  # a no-op unless OTEL_* sets tracing
                 await self._handle(message, attempts, fields)
         except Exception as exc:  # noqa: BLE001 - last resort: the slot and the message go back

@@ -69,7 +69,10 @@ class VercelClient:
             post = self._open().post(url, data=request.body, headers=headers, allow_redirects=False)
             async with post as response:
                 if 200 <= response.status < 300:
-                    await _drain_quietly(response.content)
+                    # Vercel's answer has no body (Content-Length: 0): aiohttp has it at EOF
+                    # already, and reading it would only cost a call chain per message.
+                    if not response.content.at_eof():
+                        await _drain_quietly(response.content)
                     vercel_id = response.headers.get("x-vercel-id")
                     return Delivered(response.status, vercel_id, parse_quota(response.headers))
                 body = await _read_at_most(response.content, _MAX_BODY_READ)

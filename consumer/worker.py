@@ -58,9 +58,11 @@ from consumer.topology import (
     unprotected_warning,
 )
 
-MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+MessageHandler = Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]]
 Connect = Callable[[], Awaitable[AbstractConnection]]
 SessionTask = Callable[[AbstractConnection], Coroutine[Any, Any, None]]
+DeliveryTask = asyncio.Task[None]  # one delivery being handled (Worker._tracked)
+Tracked = Callable[[AbstractIncomingMessage], Coroutine[Any, Any, DeliveryTask]]
 LOST_GRACE = 2.0  # seconds deliveries in flight may finish after their channel was lost
 BLOCKED_POLL = 0.5  # seconds between looks at whether the broker blocks the connection
 EMPTY_QUEUE_POLL = 1.0  # seconds between probe fetches while the work queue is empty
@@ -241,7 +243,7 @@ class Worker:
     async def _consume_until_stopped(
         self,
         queue: AbstractQueue,
-        handler: MessageHandler,
+        handler: Tracked,
         channel: AbstractChannel,
         stop: asyncio.Event,
     ) -> None:
@@ -274,7 +276,7 @@ class Worker:
     async def _probe_until_closed(
         self,
         queue: AbstractQueue,
-        handler: MessageHandler,
+        handler: Tracked,
         channel: AbstractChannel,
         stop: asyncio.Event,
     ) -> bool:
@@ -296,20 +298,29 @@ class Worker:
             idle = EMPTY_QUEUE_POLL if message is None else 0.0
             if message is not None:
                 self._breaker.begin_probe()
-                await handler(message)
+                await asyncio.shield(await handler(message))  # its task, tracked and shielded
         self._log.info("circuit closed; consumption resumes", queue=self.topology.queue)
         return True
 
-    def _tracked(self, handler: MessageHandler) -> MessageHandler:
+    def _tracked(self, handler: MessageHandler) -> Tracked:
         """Each delivery in a task of ours: aiormq cancels its callbacks when the channel
         closes, which would cut off a Vercel call that Vercel may already have accepted; ours
-        get `LOST_GRACE` to finish instead (see `_session`)."""
+        get `LOST_GRACE` to finish instead (see `_session`).
 
-        async def tracked(message: AbstractIncomingMessage) -> None:
-            task: asyncio.Task[None] = asyncio.ensure_future(handler(message))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
-            await asyncio.shield(task)
+        aio-pika runs `tracked` in a task it owns; `tracked` returns as soon as the delivery's
+        own task is started, without awaiting it. Nothing of aiormq's then waits on our task, so
+        its cancellation cannot reach it, and no `asyncio.shield` is needed: per delivery that
+        is a shield future, its callbacks and a wake-up of aio-pika's task fewer (bench/README.md,
+        "What the profile showed"). It must stay a coroutine function: aio-pika wraps a plain
+        function in one that awaits what it returns, which would make our task cancellable."""
+        loop = asyncio.get_running_loop()
+        in_flight = self._in_flight
+
+        async def tracked(message: AbstractIncomingMessage) -> DeliveryTask:
+            task = loop.create_task(handler(message))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            return task
 
         return tracked
 

@@ -20,16 +20,19 @@ import pamqp.decode
 import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractChannel
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from consumer.contract import example_event
 from consumer.deadletter import (
     FRAME_MAX,
     HEADERS_LIMIT,
+    attempts_made,
     header_frame_bytes,
     header_time,
     publishable_headers,
+    trusted_attempts,
+    trusted_headers,
 )
 from consumer.dlq.export import FORMAT, ExportedMessage, decode_line, encode_line
 from consumer.errors import ConfigError
@@ -434,3 +437,28 @@ def test_a_copys_headers_arrive_whole_or_are_named_as_dropped(headers: dict[str,
     named = str(sent.get("dropped-headers", ""))
     if not named.endswith("..."):  # the list itself is cut at 1 KiB
         assert all(name in named for name in set(headers) - kept)
+
+
+OUR_COUNT_HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "delivery-attempts": st.one_of(st.integers(-2, 2_000_000), st.booleans(), st.text()),
+        "first-attempt-at": st.sampled_from(
+            ["2000-01-01T00:00:00Z", "2999-01-01T00:00:00Z", "not a time", ""]
+        ),
+        "x-other": st.text(max_size=5),
+    },
+)
+
+
+@given(st.none() | OUR_COUNT_HEADERS, st.sampled_from(["", "events"]))
+@example({"delivery-attempts": 3, "first-attempt-at": "2000-01-01T00:00:00Z"}, "")  # trusted: 3
+@example({"delivery-attempts": 3, "first-attempt-at": "2000-01-01T00:00:00Z"}, "events")  # 0
+def test_the_fast_attempt_count_is_the_trusted_headers_count(
+    headers: dict[str, Any] | None, exchange: str
+) -> None:
+    """`trusted_attempts` skips copying the headers when there is no count: it must say what
+    `attempts_made(trusted_headers(...))` says, for every header set and either route."""
+    message: Any = type("Message", (), {"headers": headers, "exchange": exchange})()
+    expected = attempts_made(trusted_headers(message, datetime.now(UTC)))
+    assert trusted_attempts(message) == expected

@@ -27,7 +27,7 @@ from consumer.logs import get_logger
 from consumer.outbox import write
 from consumer.outbox.metrics import OutboxMetrics
 from consumer.outbox.relay import OutboxRelay, RelayConfig
-from consumer.outbox.schema import DDL
+from consumer.outbox.schema import DDL, INSERT_PSYCOPG
 from tests.helpers import AMQP_URL, run_cli, wait_until
 
 Writer = Callable[[str, dict[str, Any], bool], Awaitable[None]]
@@ -136,8 +136,6 @@ async def test_an_invalid_event_fails_the_callers_transaction(outbox_dsn: str, d
 async def test_the_plain_sql_insert_refuses_a_body_that_disagrees(outbox_dsn: str) -> None:
     """The one-parameter INSERT other languages run fills the columns from the body; a repeated
     id fails the transaction (dedup by message id) and so does a body that is not an object."""
-    from consumer.outbox.schema import INSERT_PSYCOPG
-
     body = event()
     async with await psycopg.AsyncConnection.connect(outbox_dsn, autocommit=True) as connection:
         await connection.execute(INSERT_PSYCOPG, (json.dumps(body),))
@@ -333,16 +331,24 @@ async def test_an_invalid_row_is_dead_lettered_and_the_rows_behind_it_go_on(
             "UPDATE vercel_outbox SET body = body - 'occurred_at' WHERE id = %s", (rows[1]["id"],)
         )
         await connection.commit()
-    async with running_relay(outbox_dsn, names) as relay:
-        published = await drain(audit, 2)
-        dlq = await channel.get_queue(f"{names['queue']}.dlq")
-        dead = await drain(dlq, 1)
-        await wait_until(lambda: relay.metrics.dead_lettered._value.get() == 1)
+    published, dead = await relay_two_and_one_dead_letter(outbox_dsn, names, audit, channel)
     assert [m.message_id for m in published] == [rows[0]["id"], rows[2]["id"]]
     assert dead[0].message_id == rows[1]["id"]
     assert dead[0].headers["dead-letter-reason"] == "invalid_message"
     assert "occurred_at" in str(dead[0].headers["dead-letter-detail"])
     assert await outbox_ids(outbox_dsn, "sent_at IS NULL") == []
+
+
+async def relay_two_and_one_dead_letter(
+    outbox_dsn: str, names: dict[str, str], audit: AbstractQueue, channel: AbstractChannel
+) -> tuple[list[aio_pika.abc.AbstractIncomingMessage], list[aio_pika.abc.AbstractIncomingMessage]]:
+    """Run a relay until two rows are published and one is in the DLQ (and counted)."""
+    async with running_relay(outbox_dsn, names) as relay:
+        published = await drain(audit, 2)
+        dlq = await channel.get_queue(f"{names['queue']}.dlq")
+        dead = await drain(dlq, 1)
+        await wait_until(lambda: relay.metrics.dead_lettered._value.get() == 1)
+    return published, dead
 
 
 async def test_a_row_whose_id_cannot_be_a_message_id_is_dead_lettered_without_one(
@@ -352,18 +358,12 @@ async def test_a_row_whose_id_cannot_be_a_message_id_is_dead_lettered_without_on
     characters, more than an AMQP message_id holds: dead-lettered as invalid_message, with the
     id in its body but not as its message_id, and the rows behind it go on (its publish raised
     TypeError, and the relay retried that batch for good; found by the hostile-identity tests)."""
-    from consumer.outbox.schema import INSERT_PSYCOPG
-
     rows = [event(), event(id="a" * 256), event()]
     async with await psycopg.AsyncConnection.connect(outbox_dsn) as connection:
         for body in rows:
             await connection.execute(INSERT_PSYCOPG, (json.dumps(body),))
         await connection.commit()
-    async with running_relay(outbox_dsn, names) as relay:
-        published = await drain(audit, 2)
-        dlq = await channel.get_queue(f"{names['queue']}.dlq")
-        dead = await drain(dlq, 1)
-        await wait_until(lambda: relay.metrics.dead_lettered._value.get() == 1)
+    published, dead = await relay_two_and_one_dead_letter(outbox_dsn, names, audit, channel)
     assert [m.message_id for m in published] == [rows[0]["id"], rows[2]["id"]]
     assert dead[0].message_id != rows[1]["id"]  # aio-pika gives it one of its own
     assert json.loads(dead[0].body)["id"] == rows[1]["id"]
